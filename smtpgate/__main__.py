@@ -1,0 +1,5 @@
+import sys
+
+from smtpgate.cli import main
+
+sys.exit(main())

@@ -1,0 +1,294 @@
+"""The `smtpgate` command: serve, config check, and the queue.
+
+Few flags (`--config`, `--state-dir`, `--log-level`, `--log-format`): the config file owns
+every default. Tables for people, `--json` for scripts. Exit 2 for a bad config or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from smtpgate import __version__, logs
+from smtpgate.config import Config, ConfigError, find_config_file, load, masked
+from smtpgate.spool import MessageView, SpoolLockedError, SqliteSpool
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config_path = find_config_file(args.config, os.environ)
+        config = load(config_path, state_dir=args.state_dir)
+    except ConfigError as error:
+        print(f"smtpgate: config error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(args.log_level or config.log.level, args.log_format or config.log.format)
+    try:
+        result: int = args.run(config, args)
+    except SpoolLockedError as error:
+        print(f"smtpgate: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except ConfigError as error:
+        print(f"smtpgate: config error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (else $SMTPGATE_CONFIG, else ./smtpgate.toml)")
+    common.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS,
+                        help="spool and runtime state (else $SMTPGATE_STATE_DIR, else XDG)")
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                        default=argparse.SUPPRESS)
+    common.add_argument("--log-format", choices=["auto", "console", "json"],
+                        default=argparse.SUPPRESS)
+
+    parser = argparse.ArgumentParser(
+        prog="smtpgate", parents=[common],
+        description="A local SMTP gateway: accepts mail on localhost and sends it on.",
+    )
+    parser.add_argument("--version", action="version", version=f"smtpgate {__version__}")
+    parser.set_defaults(config=None, state_dir=None, log_level=None, log_format=None)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    serve = commands.add_parser("serve", parents=[common], help="run the gateway")
+    serve.set_defaults(run=_serve)
+
+    config = commands.add_parser("config", parents=[common], help="inspect the config")
+    config_commands = config.add_subparsers(metavar="ACTION", required=True)
+    check = config_commands.add_parser(
+        "check", parents=[common], help="validate and print the effective config")
+    check.add_argument("--json", action="store_true")
+    check.set_defaults(run=_config_check)
+
+    queue = commands.add_parser("queue", parents=[common],
+                                help="messages and recipients in the spool")
+    queue.add_argument("--json", action="store_true")
+    queue.add_argument("--limit", type=int, default=None, help="newest N messages only")
+    queue.set_defaults(run=_queue_list)
+    queue_commands = queue.add_subparsers(metavar="ACTION")
+    show = queue_commands.add_parser("show", parents=[common], help="one message")
+    show.add_argument("queue_id", metavar="ID")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--body", action="store_true", help="print the message as stored")
+    show.set_defaults(run=_queue_show)
+    retry = queue_commands.add_parser(
+        "retry", parents=[common], help="send deferred mail now (of one message, or all)")
+    retry.add_argument("queue_id", metavar="ID", nargs="?")
+    retry.set_defaults(run=_queue_retry)
+    return parser
+
+
+# --- serve ------------------------------------------------------------------------------
+
+
+def _serve(config: Config, args: argparse.Namespace) -> int:
+    from smtpgate.server import Server, StartupError
+
+    try:
+        asyncio.run(Server(config).serve())
+    except StartupError as error:
+        print(f"smtpgate: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+# --- config check -----------------------------------------------------------------------
+
+
+def _config_check(config: Config, args: argparse.Namespace) -> int:
+    from smtpgate.policy import refuse_open_relay
+
+    refuse_open_relay(config)
+    effective = masked(config)
+    if args.json:
+        print(json.dumps(effective, indent=2))
+    else:
+        print(_as_toml(effective))
+        print("# config is valid", file=sys.stderr)
+    return EXIT_OK
+
+
+def _as_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Enough TOML to read the effective config back: scalars and lists, then tables."""
+    lines = []
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            tables.extend((f"[{key}]", item) for item in value)
+        elif value is not None:
+            lines.append(f"{key} = {json.dumps(value)}")
+    out = "\n".join(lines)
+    for key, value in tables:
+        if key.startswith("["):
+            name = f"[[{prefix}{key[1:-1]}]]"
+        else:
+            name = f"[{prefix}{key}]"
+        body = _as_toml(value, f"{prefix}{key.strip('[]')}.")
+        out += f"\n\n{name}\n{body}" if out else f"{name}\n{body}"
+    return out.strip("\n")
+
+
+# --- queue ------------------------------------------------------------------------------
+
+
+def _with_spool(config: Config) -> SqliteSpool | None:
+    path = config.spool_path()
+    if not path.exists():
+        print(f"no spool at {path} yet: nothing has been accepted with this state directory",
+              file=sys.stderr)
+        return None
+    return SqliteSpool.open(path)
+
+
+def _queue_list(config: Config, args: argparse.Namespace) -> int:
+    async def read() -> list[MessageView]:
+        spool = _with_spool(config)
+        if spool is None:
+            return []
+        try:
+            return await spool.messages(args.limit)
+        finally:
+            await spool.close()
+
+    messages = asyncio.run(read())
+    if args.json:
+        print(json.dumps([_message_json(m) for m in messages], indent=2))
+        return EXIT_OK
+    rows = []
+    for message in messages:
+        for index, r in enumerate(message.recipients):
+            rows.append([
+                message.queue_id if index == 0 else "",
+                _when(message.received_at) if index == 0 else "",
+                (message.sender or "<>") if index == 0 else "",
+                r.address, r.route, r.state.value, str(r.attempts),
+                _when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
+                r.last_reply or "",
+            ])
+    headers = ["QUEUE ID", "RECEIVED", "SENDER", "RECIPIENT", "ROUTE", "STATE", "ATTEMPTS",
+               "NEXT ATTEMPT", "LAST REPLY"]
+    if rows:
+        print(_table(headers, rows))
+    counts = Counter(r.state.value for m in messages for r in m.recipients)
+    summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    print(f"{len(messages)} messages, {sum(counts.values())} recipients"
+          + (f": {summary}" if summary else ""))
+    return EXIT_OK
+
+
+def _queue_show(config: Config, args: argparse.Namespace) -> int:
+    async def read() -> tuple[MessageView | None, bytes | None]:
+        spool = _with_spool(config)
+        if spool is None:
+            return None, None
+        try:
+            message = await spool.message(args.queue_id)
+            body = await spool.content(args.queue_id) if message and args.body else None
+            return message, body
+        finally:
+            await spool.close()
+
+    message, body = asyncio.run(read())
+    if message is None:
+        print(f"smtpgate: no message {args.queue_id!r} in the queue", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        data = _message_json(message)
+        if body is not None:
+            data["content"] = body.decode("utf-8", "replace")
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    print(f"queue id:  {message.queue_id}\nreceived:  {_when(message.received_at)}"
+          f" from {message.client_address} (HELO {message.helo})\n"
+          f"sender:    {message.sender or '<>'}\nsize:      {message.size} bytes\n")
+    print(_table(
+        ["RECIPIENT", "ROUTE", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "UPDATED", "LAST REPLY"],
+        [[r.address, r.route, r.state.value, str(r.attempts), _when(r.next_attempt)
+          if r.state.value in ("queued", "deferred") else "", _when(r.updated_at),
+          r.last_reply or ""] for r in message.recipients],
+    ))
+    if body is not None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        sys.stdout.buffer.write(body)
+    return EXIT_OK
+
+
+def _queue_retry(config: Config, args: argparse.Namespace) -> int:
+    import time
+
+    async def retry() -> int:
+        spool = _with_spool(config)
+        if spool is None:
+            return 0
+        try:
+            if args.queue_id and await spool.message(args.queue_id) is None:
+                return -1
+            return await spool.retry_now(args.queue_id, time.time())
+        finally:
+            await spool.close()
+
+    count = asyncio.run(retry())
+    if count < 0:
+        print(f"smtpgate: no message {args.queue_id!r} in the queue", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{count} deferred recipients are due now; a running server sends them within"
+          " a second")
+    return EXIT_OK
+
+
+def _message_json(message: MessageView) -> dict[str, Any]:
+    return {
+        "queue_id": message.queue_id,
+        "sender": message.sender,
+        "size": message.size,
+        "received_at": _iso(message.received_at),
+        "client_address": message.client_address,
+        "helo": message.helo,
+        "recipients": [
+            {"address": r.address, "route": r.route, "state": r.state.value,
+             "attempts": r.attempts, "next_attempt": _iso(r.next_attempt),
+             "last_reply": r.last_reply, "updated_at": _iso(r.updated_at)}
+            for r in message.recipients
+        ],
+    }
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return ""
+    return dt.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+              for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,420 @@
+"""Config: one TOML file, embedded defaults, and environment overrides.
+
+The CLI loads it once and hands the validated `Config` to the server; every default lives
+here and nowhere else. A bad file becomes one `ConfigError` naming the key, never a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_PREFIX = "SMTPGATE_"
+DEFAULT_CONFIG_NAME = "smtpgate.toml"
+BUILTIN_DIRECT_ROUTE = "direct"
+SECRET_KEYS = frozenset({"password", "token"})
+
+
+class ConfigError(Exception):
+    """A config problem a person must fix; the message names the key and what is allowed."""
+
+
+# --- human units -------------------------------------------------------------------------
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
+               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_duration(value: object) -> float:
+    """'90s', '5m', '1h', '5d', '1w', '250ms' or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as '90s', '5m', '1h' or '5d'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _QUANTITY.match(value)):
+        number, unit = match.groups()
+        factor = _DURATION_UNITS.get(unit.lower() or "s")
+        if factor is None:
+            raise ValueError(f"unknown duration unit {unit!r} (use ms, s, m, h, d or w)")
+        seconds = float(number) * factor
+    else:
+        raise ValueError("expected a duration such as '90s', '5m', '1h' or '5d'")
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """'25MB', '512KiB', '1GB' or a number of bytes -> bytes (K, M, G are powers of 1024)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as '25MB' or a number of bytes")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (match := _QUANTITY.match(value)):
+        number, unit = match.groups()
+        factor = _SIZE_UNITS.get(unit.lower())
+        if factor is None:
+            raise ValueError(f"unknown size unit {unit!r} (use B, KB, MB or GB)")
+        size = int(float(number) * factor)
+    else:
+        raise ValueError("expected a size such as '25MB' or a number of bytes")
+    if size < 0:
+        raise ValueError("a size cannot be negative")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+def _one_or_many(value: object) -> object:
+    return [value] if isinstance(value, str) else value
+
+
+StrList = Annotated[list[str], BeforeValidator(_one_or_many)]
+NetworkList = Annotated[
+    list[ipaddress.IPv4Network | ipaddress.IPv6Network], BeforeValidator(_one_or_many)
+]
+
+
+class ListenAddress(BaseModel):
+    """One listening socket, written 'host:port' or '[v6]:port'."""
+
+    model_config = ConfigDict(frozen=True)
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> ListenAddress:
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+        if not match:
+            raise ValueError(f"{text!r} is not 'host:port' or '[ipv6]:port'")
+        host = match.group(1) or match.group(3)
+        port = int(match.group(2) or match.group(4))
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port {port} is out of range 0-65535")
+        return cls(host=host, port=port)
+
+    def is_loopback(self) -> bool:
+        """True when only this machine can connect (so no one else can relay through it)."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False  # a host name: assume the worst
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _listen_list(value: object) -> object:
+    items = _one_or_many(value)
+    if not isinstance(items, list):
+        return items
+    return [ListenAddress.parse(v) if isinstance(v, str) else v for v in items]
+
+
+# --- sections ---------------------------------------------------------------------------
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    listen: Annotated[list[ListenAddress], BeforeValidator(_listen_list)] = Field(
+        default_factory=lambda: [ListenAddress(host="127.0.0.1", port=2525)], min_length=1
+    )
+    hostname: str = Field(default_factory=socket.gethostname, min_length=1)
+    state_dir: Path | None = None
+    max_message_size: Size = 25 * 1024**2
+    max_recipients: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=100, ge=1)
+    idle_timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
+    trusted_networks: NetworkList = Field(
+        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"),
+                                 ipaddress.ip_network("::1/128")]
+    )
+    default_route: str = BUILTIN_DIRECT_ROUTE
+
+
+class SpoolConfig(_Section):
+    url: str | None = None  # default: sqlite:///<state_dir>/spool.db
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith("sqlite:///"):
+            raise ValueError("only 'sqlite:///PATH' is supported by this version")
+        return url
+
+
+class RelayConfig(_Section):
+    host: str = Field(min_length=1)
+    port: Port = 25
+    timeout: Duration = 60.0
+    data_timeout: Duration = 600.0  # RFC 5321 4.5.3.2.6: wait 10 minutes for the final reply
+
+
+class DeliveryConfig(_Section):
+    retry_schedule: list[Duration] = Field(
+        default_factory=lambda: [300.0, 600.0, 1200.0, 2400.0, 3600.0], min_length=1
+    )
+    give_up_after: Duration = 5 * 86400.0
+
+
+class RouteConfig(_Section):
+    mode: Literal["relay", "direct"]
+    relay: str | None = None
+    retry_schedule: list[Duration] | None = Field(default=None, min_length=1)
+    give_up_after: Duration | None = None
+
+    @model_validator(mode="after")
+    def _relay_named(self) -> RouteConfig:
+        if self.mode == "relay" and not self.relay:
+            raise ValueError("a route with mode = 'relay' needs relay = 'NAME' of a [relays.NAME]")
+        if self.mode != "relay" and self.relay:
+            raise ValueError(f"relay is only allowed with mode = 'relay', not {self.mode!r}")
+        return self
+
+
+class RuleConfig(_Section):
+    """First match wins; every condition given must hold, a list matches any of its items."""
+
+    route: str
+    sender: StrList | None = None
+    recipient_domain: StrList | None = None
+    client: NetworkList | None = None
+    header: StrList | None = None  # values of X-Smtpgate-Route
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "console", "json"] = "auto"
+
+
+class Config(_Section):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
+    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    relays: dict[str, RelayConfig] = Field(default_factory=dict)
+    routes: dict[str, RouteConfig] = Field(default_factory=dict)
+    rules: list[RuleConfig] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Config:
+        if BUILTIN_DIRECT_ROUTE not in self.routes:
+            self.routes[BUILTIN_DIRECT_ROUTE] = RouteConfig(mode="direct")
+        for name, route in self.routes.items():
+            if route.relay and route.relay not in self.relays:
+                raise ValueError(
+                    f"routes.{name}.relay: no [relays.{route.relay}] is defined"
+                    f" (defined: {', '.join(self.relays) or 'none'})"
+                )
+        if self.server.default_route not in self.routes:
+            raise ValueError(
+                f"server.default_route: no route {self.server.default_route!r}"
+                f" (defined: {', '.join(self.routes)})"
+            )
+        for index, rule in enumerate(self.rules):
+            if rule.route not in self.routes:
+                raise ValueError(
+                    f"rules[{index}].route: no route {rule.route!r}"
+                    f" (defined: {', '.join(self.routes)})"
+                )
+        return self
+
+    def state_dir(self) -> Path:
+        if self.server.state_dir is None:
+            raise ConfigError("server.state_dir is not set")  # set by load(); a bug otherwise
+        return self.server.state_dir
+
+    def spool_path(self) -> Path:
+        if self.spool.url:
+            return Path(self.spool.url.removeprefix("sqlite:///"))
+        return self.state_dir() / "spool.db"
+
+    def retry_policy(self, route: str) -> tuple[list[float], float]:
+        """The retry schedule and lifetime of a route: its own, else [delivery]'s."""
+        config = self.routes[route]
+        schedule = config.retry_schedule or self.delivery.retry_schedule
+        give_up = config.give_up_after
+        return schedule, self.delivery.give_up_after if give_up is None else give_up
+
+
+# --- loading ----------------------------------------------------------------------------
+
+
+def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
+    """--config, then SMTPGATE_CONFIG, then ./smtpgate.toml; None means embedded defaults."""
+    if explicit:
+        return Path(explicit)
+    if environ.get("SMTPGATE_CONFIG"):
+        return Path(environ["SMTPGATE_CONFIG"])
+    local = Path(DEFAULT_CONFIG_NAME)
+    return local if local.is_file() else None
+
+
+def default_state_dir(environ: Mapping[str, str]) -> Path:
+    """$SMTPGATE_STATE_DIR, else the XDG state directory ($XDG_STATE_HOME/smtpgate)."""
+    if environ.get("SMTPGATE_STATE_DIR"):
+        return Path(environ["SMTPGATE_STATE_DIR"])
+    import platformdirs
+
+    return Path(platformdirs.user_state_dir("smtpgate", appauthor=False))
+
+
+def load(
+    path: Path | None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    state_dir: str | None = None,
+) -> Config:
+    """Read, override from the environment, validate. Raises ConfigError with a clear text."""
+    environ = os.environ if environ is None else environ
+    raw: dict[str, Any] = {}
+    where = "embedded defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{path}: cannot read: {error}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"{path}: not valid TOML: {error}") from None
+    apply_environment(raw, environ)
+    server = raw.setdefault("server", {})
+    if not isinstance(server, dict):
+        raise ConfigError(f"{where}: server: expected a table [server]")
+    if state_dir:
+        server["state_dir"] = state_dir
+    elif "state_dir" not in server:
+        server["state_dir"] = str(default_state_dir(environ))
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{where}: " + describe(error)) from None
+
+
+def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """SMTPGATE_RELAYS__CORP__HOST=x sets relays.corp.host; values parse as TOML when they can."""
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        if not all(keys):
+            raise ConfigError(f"{name}: empty key in environment override")
+        table = raw
+        for key in keys[:-1]:
+            table = table.setdefault(key, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: {key} is not a table and cannot hold {keys[-1]}")
+        table[keys[-1]] = _env_value(text)
+
+
+def _env_value(text: str) -> object:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def describe(error: ValidationError) -> str:
+    """Pydantic's errors as 'key.path: what is wrong' lines, naming allowed keys."""
+    lines = []
+    for item in error.errors():
+        location = _dotted(item["loc"])
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(item["loc"][:-1])
+            message = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            if "input" in item and not isinstance(item["input"], dict | list):
+                message += f" (got {item['input']!r})"
+        lines.append(f"{location}: {message}" if location else message)
+    return "\n  ".join(lines)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.startswith(("function-", "list[", "lax-", "json-")):
+            continue  # pydantic's internal validator names, not keys
+        else:
+            text += f".{part}" if text else part
+    return text
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """Walk the model along loc to list the keys that table accepts."""
+    current: Any = Config
+    for part in loc:
+        current = _unwrap(current)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        elif typing.get_origin(current) in (dict, list):
+            current = typing.get_args(current)[-1]
+        else:
+            return []
+    current = _unwrap(current)
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _unwrap(annotation: Any) -> Any:
+    while True:
+        origin = typing.get_origin(annotation)
+        if origin is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        elif origin in (typing.Union, types.UnionType):
+            members = [a for a in typing.get_args(annotation) if a is not type(None)]
+            annotation = members[0]
+        else:
+            return annotation
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective config as plain data, secrets masked, for `config check`."""
+    data: dict[str, Any] = _mask(config.model_dump(mode="json"))
+    return data
+
+
+def _mask(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: "********" if k in SECRET_KEYS and v else _mask(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_mask(v) for v in data]
+    return data

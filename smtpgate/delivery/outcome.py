@@ -1,0 +1,66 @@
+"""Outcome: the one place that turns an SMTP reply or a network error into a verdict.
+
+Transports report an `Outcome` per recipient; the scheduler turns it into a state with
+`retry.RetryPolicy`. Like Postfix, every outcome carries its scope, so a failure of the
+session (connection, greeting) never counts against the message or the recipient.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Verdict(enum.StrEnum):
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"  # try again later
+    FAILED = "failed"  # permanent: do not try again
+
+
+class Scope(enum.StrEnum):
+    SESSION = "session"  # connection, greeting, EHLO: nothing to do with this message
+    MESSAGE = "message"  # MAIL FROM or DATA: every recipient of the transaction
+    RECIPIENT = "recipient"  # RCPT TO: this recipient alone
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    reply: str
+    scope: Scope
+
+    @classmethod
+    def from_reply(cls, code: int, text: str, scope: Scope) -> Outcome:
+        """2xx delivered, 4xx deferred, 5xx failed. A 5xx to the session is deferred:
+        an upstream refusing every client is a fault to fix, not a verdict on the mail."""
+        reply = format_reply(code, text)
+        if 200 <= code < 300:
+            return cls(Verdict.DELIVERED, reply, scope)
+        if 500 <= code < 600 and scope is not Scope.SESSION:
+            return cls(Verdict.FAILED, reply, scope)
+        return cls(Verdict.DEFERRED, reply, scope)
+
+    @classmethod
+    def deferred(cls, reason: str, scope: Scope) -> Outcome:
+        """Network errors, timeouts, drops: the outcome is not known, so try again."""
+        return cls(Verdict.DEFERRED, reason, scope)
+
+    @classmethod
+    def failed(cls, reason: str, scope: Scope) -> Outcome:
+        return cls(Verdict.FAILED, reason, scope)
+
+
+def format_reply(code: int, text: str) -> str:
+    """A multi-line reply as one line, as `smtpgate queue` and the logs show it."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{code} {' / '.join(lines)}".strip()
+
+
+def describe_error(error: BaseException) -> str:
+    """A network error in words a person reading `smtpgate queue` understands."""
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

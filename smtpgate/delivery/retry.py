@@ -1,0 +1,54 @@
+"""Retry: when a deferred recipient is tried again, and when smtpgate gives up.
+
+Pure, like procrastinate's RetryStrategy: the scheduler asks, the spool stores the answer.
+Defaults follow Postfix: first retry after minutes, growing, give up after 5 days.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from smtpgate.delivery.outcome import Outcome, Verdict
+from smtpgate.spool.base import RecipientState, RecipientUpdate
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """`schedule[n]` is the wait after the (n+1)th failed attempt; the last step repeats."""
+
+    schedule: tuple[float, ...]
+    give_up_after: float
+
+    @classmethod
+    def of(cls, schedule: Sequence[float], give_up_after: float) -> RetryPolicy:
+        if not schedule:
+            raise ValueError("a retry schedule needs at least one step")
+        return cls(tuple(schedule), give_up_after)
+
+    def delay(self, attempts_before: int) -> float:
+        return self.schedule[min(attempts_before, len(self.schedule) - 1)]
+
+    def decide(
+        self, recipient_id: int, outcome: Outcome, *, attempts_before: int,
+        received_at: float, now: float,
+    ) -> RecipientUpdate:
+        if outcome.verdict is Verdict.DELIVERED:
+            return RecipientUpdate(recipient_id, RecipientState.DELIVERED, outcome.reply)
+        if outcome.verdict is Verdict.FAILED:
+            return RecipientUpdate(recipient_id, RecipientState.FAILED, outcome.reply)
+        next_attempt = now + self.delay(attempts_before)
+        if next_attempt > received_at + self.give_up_after:
+            return RecipientUpdate(
+                recipient_id, RecipientState.FAILED,
+                f"gave up after {_human(self.give_up_after)} in the queue;"
+                f" last reply: {outcome.reply}",
+            )
+        return RecipientUpdate(recipient_id, RecipientState.DEFERRED, outcome.reply, next_attempt)
+
+
+def _human(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

@@ -1,0 +1,226 @@
+"""Listener: the SMTP server every client talks to (aiosmtpd), first box of the data path.
+
+It asks the policy who may relay, the router where each recipient goes, and answers 250 to
+DATA only after the spool has made the message durable, quoting the queue id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from typing import Any, AnyStr
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from smtpgate import logs
+from smtpgate.config import Config
+from smtpgate.headers import split_controls
+from smtpgate.policy import RelayPolicy
+from smtpgate.router import Envelope as RouteEnvelope
+from smtpgate.router import Router
+from smtpgate.spool.base import NewMessage, NewRecipient, Spool
+
+log = logs.get(__name__)
+
+# RFC 3463 codes for aiosmtpd's own replies, which carry none (RFC 2034 asks for one on
+# every reply except the greeting, EHLO/HELO and 354).
+_ENHANCED = {250: "2.0.0", 221: "2.0.0", 252: "2.0.0", 421: "4.3.0", 451: "4.3.0",
+             500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
+             530: "5.7.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4"}
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
+
+TEMPORARY_FAILURE = "451 4.3.0 Local error in processing; the message was not accepted, try again"
+
+
+class Handler:
+    """aiosmtpd hooks. aiosmtpd finds them by exact name (handle_DATA, not handle_data) and
+    silently answers 250 without storing anything for a missing handle_DATA, so
+    tests/test_listener.py proves these are the ones called."""
+
+    def __init__(
+        self, config: Config, spool: Spool, router: Router, policy: RelayPolicy,
+        on_stored: Callable[[], None],
+    ) -> None:
+        self._config = config
+        self._spool = spool
+        self._router = router
+        self._policy = policy
+        self._on_stored = on_stored
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Sender OK"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        client_ip = _peer_ip(session)
+        if not self._policy.may_relay(client_ip):
+            log.warning("relay denied", client=client_ip, recipient=address)
+            return f"554 5.7.1 <{address}>: Relay access denied"
+        if len(envelope.rcpt_tos) >= self._config.server.max_recipients:
+            # RFC 5321 4.5.3.1.10: 452, and the client sends the rest in another transaction
+            return "452 4.5.3 Too many recipients"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Recipient OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content, controls = split_controls(envelope.original_content or b"")
+        sender = envelope.mail_from or ""
+        client_ip = _peer_ip(session)
+        route_envelope = RouteEnvelope(sender, client_ip, controls.get("route"))
+        message = NewMessage(
+            sender=sender,
+            recipients=[
+                NewRecipient(address, self._router.route(route_envelope, address))
+                for address in envelope.rcpt_tos
+            ],
+            content=content,
+            client_address=client_ip or "",
+            helo=session.host_name or "",
+            smtputf8=envelope.smtp_utf8,
+            received_at=time.time(),
+        )
+        try:
+            queue_id = await self._spool.store(message)
+        except Exception:
+            log.exception("spool write failed; message refused with 451", client=client_ip,
+                          sender=sender)
+            return TEMPORARY_FAILURE
+        log.info("accepted", queue_id=queue_id, sender=sender, client=client_ip,
+                 size=len(content), recipients=len(message.recipients),
+                 routes=sorted({r.route for r in message.recipients}))
+        self._on_stored()
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("unexpected error in an SMTP session", exc_info=error)
+        return TEMPORARY_FAILURE
+
+
+def _peer_ip(session: Session) -> str | None:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return None
+
+
+class Connections:
+    """Counts open sessions so the listener can refuse past `limit` with 421."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's SMTP with enhanced status codes on its own replies, a 421 on idle
+    timeout instead of a silent close, and a count of open sessions."""
+
+    def __init__(self, handler: Handler, connections: Connections, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self._connections = connections
+        self._in_greeting = False
+        self._counted = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._counted:  # STARTTLS calls this again on the same session
+            self._counted = True
+            self._connections.open += 1
+            self._connections.idle.clear()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        if self._counted:
+            self._counted = False
+            self._connections.open -= 1
+            if self._connections.open == 0:
+                self._connections.idle.set()
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_greeting = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_greeting = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_greeting = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_greeting = False
+
+    async def push(self, status: AnyStr) -> None:
+        if isinstance(status, str) and not self._in_greeting:
+            status = with_enhanced_code(status, self.data_size_limit)
+        await super().push(status)
+
+    def _timeout_cb(self) -> None:
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport) and not transport.is_closing():
+            transport.write(b"421 4.4.2 Idle timeout, closing connection\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
+
+
+def with_enhanced_code(status: str, size_limit: int | None) -> str:
+    if _HAS_ENHANCED.match(status) or len(status) < 4 or not status[:3].isdigit():
+        return status
+    code = int(status[:3])
+    if code == 552:
+        return f"552 5.3.4 Message too big: the limit is {size_limit} bytes"
+    enhanced = _ENHANCED.get(code)
+    if enhanced is None:
+        return status
+    text = status[4:].removeprefix("Error: ")
+    return f"{status[:3]}{status[3]}{enhanced} {text}"
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers a connection over the limit with 421 and closes it (RFC 5321 3.8)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(b"421 4.7.0 Too many connections, try again later\r\n")
+        transport.close()
+
+
+def protocol_factory(
+    config: Config, handler: Handler, connections: Connections
+) -> Callable[[], asyncio.BaseProtocol]:
+    server = config.server
+
+    def build() -> asyncio.BaseProtocol:
+        if connections.open >= connections.limit:
+            log.warning("connection refused: too many connections", limit=connections.limit)
+            return _Refuse()
+        return GatewaySMTP(
+            handler,
+            connections,
+            data_size_limit=server.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=server.hostname,
+            ident="smtpgate",
+            timeout=server.idle_timeout,
+        )
+
+    return build

@@ -1,0 +1,59 @@
+"""Policy: who may relay through smtpgate, checked per session and at startup.
+
+Between the listener and the router. Loopback and `trusted_networks` may relay; every
+other client is refused at RCPT TO. smtpgate must never become an open relay, whatever
+the config omits, so startup refuses configurations that would make it one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from smtpgate.config import Config, ConfigError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# A trusted network broader than this outside private space is "the internet".
+_BROADEST_PUBLIC_PREFIX = {4: 8, 6: 16}
+
+
+class RelayPolicy:
+    def __init__(self, trusted_networks: list[Network]) -> None:
+        self._trusted = list(trusted_networks)
+
+    def may_relay(self, client_ip: str | None) -> bool:
+        if client_ip is None:
+            return False
+        try:
+            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return address.is_loopback or any(address in net for net in self._trusted)
+
+
+def refuse_open_relay(config: Config) -> None:
+    """Raise ConfigError for a config that would let strangers relay.
+
+    A listener other hosts can reach is allowed only when the config says who may use it:
+    a non-loopback trusted network (authentication is not supported by this version).
+    A trusted network spanning the internet is refused outright.
+    """
+    server = config.server
+    for network in server.trusted_networks:
+        broadest = _BROADEST_PUBLIC_PREFIX[network.version]
+        if network.prefixlen < broadest and not network.is_private:
+            raise ConfigError(
+                f"server.trusted_networks: {network} would let most of the internet relay"
+                f" through smtpgate (an open relay); list your own networks instead"
+            )
+    exposed = [str(a) for a in server.listen if not a.is_loopback()]
+    remote_trusted = [n for n in server.trusted_networks if not n.is_loopback]
+    if exposed and not remote_trusted:
+        raise ConfigError(
+            f"server.listen: {', '.join(exposed)} is reachable from other hosts, but no"
+            " authentication is configured and server.trusted_networks allows only this"
+            " machine, so no other host could send through it. Listen on 127.0.0.1, or"
+            " list the networks that may relay in server.trusted_networks."
+        )

@@ -1,0 +1,65 @@
+"""Router: ordered rules pick a named route for each recipient.
+
+Between the policy and the spool. The first rule whose every condition holds wins; with
+none, `server.default_route`. Recipients of one message may take different routes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from dataclasses import dataclass
+
+from smtpgate.config import Config, RuleConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What a rule may look at, besides the recipient."""
+
+    sender: str
+    client_ip: str | None
+    route_header: str | None  # the value of X-Smtpgate-Route, if the message had one
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self._rules = list(config.rules)
+        self._default = config.server.default_route
+
+    def route(self, envelope: Envelope, recipient: str) -> str:
+        for rule in self._rules:
+            if _matches(rule, envelope, recipient):
+                return rule.route
+        return self._default
+
+
+def _matches(rule: RuleConfig, envelope: Envelope, recipient: str) -> bool:
+    if rule.sender is not None and not _glob_any(envelope.sender, rule.sender):
+        return False
+    if rule.recipient_domain is not None and not _glob_any(
+        domain_of(recipient), rule.recipient_domain
+    ):
+        return False
+    if rule.header is not None and (
+        envelope.route_header is None or not _glob_any(envelope.route_header, rule.header)
+    ):
+        return False
+    if rule.client is not None:
+        try:
+            address = ipaddress.ip_address((envelope.client_ip or "").split("%", 1)[0])
+        except ValueError:
+            return False
+        if not any(address in network for network in rule.client):
+            return False
+    return True
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].rstrip(".").lower()
+
+
+def _glob_any(value: str, patterns: list[str]) -> bool:
+    """Case-insensitive shell patterns: '*@news.example.com', '*.example.com'."""
+    value = value.lower()
+    return any(fnmatch.fnmatchcase(value, pattern.lower()) for pattern in patterns)

@@ -1,0 +1,132 @@
+"""Server: builds the data path from a Config and runs it from startup to shutdown.
+
+`Server(config).serve()` is what `smtpgate serve` runs, in the manner of uvicorn: a
+startup checklist, run until a signal, then a graceful shutdown; a second signal insists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+
+from smtpgate import logs
+from smtpgate.config import Config
+from smtpgate.delivery.retry import RetryPolicy
+from smtpgate.listener import Connections, Handler, protocol_factory
+from smtpgate.policy import RelayPolicy, refuse_open_relay
+from smtpgate.router import Router
+from smtpgate.scheduler import Scheduler
+from smtpgate.spool import SqliteSpool
+from smtpgate.transports import RelayTransport, Transport
+
+log = logs.get(__name__)
+
+SESSION_GRACE_SECONDS = 10.0  # how long open SMTP sessions may finish at shutdown
+DELIVERY_GRACE_SECONDS = 10.0  # how long deliveries under way may finish at shutdown
+DIRECT_NOT_AVAILABLE = (
+    "waiting: direct delivery (MX lookup) is not available in this version of smtpgate;"
+    " route this mail through a relay, or keep it queued until an upgrade"
+)
+
+
+class StartupError(Exception):
+    """The server cannot start for a reason the operator must fix (port taken, ...)."""
+
+
+class Server:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    def build_transports(self) -> tuple[dict[str, Transport], dict[str, str]]:
+        """Transports by route name, and the routes that cannot send yet with the reason."""
+        transports: dict[str, Transport] = {}
+        waiting: dict[str, str] = {}
+        relays: dict[str, RelayTransport] = {}
+        for name, route in self.config.routes.items():
+            if route.mode == "relay" and route.relay:
+                if route.relay not in relays:
+                    relays[route.relay] = RelayTransport(
+                        route.relay, self.config.relays[route.relay],
+                        helo_name=self.config.server.hostname,
+                    )
+                transports[name] = relays[route.relay]
+            else:
+                waiting[name] = DIRECT_NOT_AVAILABLE
+        return transports, waiting
+
+    async def serve(self) -> None:
+        config = self.config
+        # 1. Refuse a config that would make an open relay, before touching anything.
+        refuse_open_relay(config)
+        # 2. Take the spool (and its single-server lock); release work a dead process leased.
+        spool = SqliteSpool.open(config.spool_path(), exclusive=True)
+        listeners: list[asyncio.Server] = []
+        scheduler_task: asyncio.Task[None] | None = None
+        try:
+            released = await spool.release_leases(time.time())
+            if released:
+                log.warning("released recipients left in flight by a previous run",
+                            count=released)
+            # 3. The delivery side, built but not started until the listeners are bound.
+            transports, waiting = self.build_transports()
+            retry = {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports}
+            scheduler = Scheduler(spool, transports, retry, waiting)
+            # 4. The accepting side.
+            connections = Connections(config.server.max_connections)
+            handler = Handler(config, spool, Router(config), RelayPolicy(
+                config.server.trusted_networks), on_stored=scheduler.wake)
+            factory = protocol_factory(config, handler, connections)
+            loop = asyncio.get_running_loop()
+            for address in config.server.listen:
+                try:
+                    listeners.append(await loop.create_server(
+                        factory, host=address.host, port=address.port, reuse_address=True))
+                except OSError as error:
+                    raise StartupError(f"cannot listen on {address}: {error.strerror}") from None
+                log.info("listening", address=str(address))
+            scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
+            log.info("ready", state_dir=str(config.state_dir()), spool=str(config.spool_path()),
+                     routes={n: r.mode for n, r in config.routes.items()})
+            # 5. Run until asked to stop.
+            self._install_signal_handlers()
+            await self._stop.wait()
+            # Shutdown checklist:
+            # a. stop accepting connections;
+            log.info("shutting down")
+            for listener in listeners:
+                listener.close()
+            # b. let open sessions finish their transaction, up to the grace period;
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(connections.idle.wait(), SESSION_GRACE_SECONDS)
+            # c. let deliveries under way finish, then cancel the rest (they stay leased
+            #    and are sent again after the next start);
+            await scheduler.drain(DELIVERY_GRACE_SECONDS)
+        finally:
+            # d. stop the scheduler, then close the spool: everything acknowledged is on disk.
+            if scheduler_task is not None:
+                scheduler_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await scheduler_task
+            for listener in listeners:
+                listener.close()
+            await spool.close()
+            log.info("stopped")
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            log.info("stop requested; finishing work under way (send again to force)",
+                     signal=signal.Signals(signum).name)
+            self._stop.set()
+        else:
+            log.warning("forced stop", signal=signal.Signals(signum).name)
+            raise SystemExit(1)

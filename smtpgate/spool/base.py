@@ -1,0 +1,164 @@
+"""Spool interface: the source of truth between the router and the scheduler.
+
+The listener stores a message here before it answers 250; the scheduler leases due
+recipients from here and writes their results back; the CLI reads it. Every backend
+implements `Spool` and passes the same contract tests.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+class RecipientState(enum.StrEnum):
+    """The words the CLI, the API and the logs use for a recipient."""
+
+    QUEUED = "queued"  # waiting for its first attempt, or for a route that cannot send yet
+    SENDING = "sending"  # leased by a scheduler; back to queued if that process dies
+    DEFERRED = "deferred"  # a temporary failure; next_attempt says when it is tried again
+    DELIVERED = "delivered"
+    FAILED = "failed"  # permanent failure, or the retry lifetime is over
+    CANCELLED = "cancelled"
+    HELD = "held"
+
+
+PENDING_STATES = (RecipientState.QUEUED, RecipientState.DEFERRED)
+FINAL_STATES = (RecipientState.DELIVERED, RecipientState.FAILED, RecipientState.CANCELLED)
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """Short, sortable by arrival, unique without coordination: 11 hex digits of µs + 5 random."""
+    micros = int((time.time() if now is None else now) * 1_000_000)
+    return f"{micros:013X}"[-11:] + secrets.token_hex(3).upper()[:5]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecipient:
+    address: str
+    route: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """What the listener hands over at the end of DATA; `content` is already stripped of
+    control headers and has CRLF line ends."""
+
+    sender: str
+    recipients: Sequence[NewRecipient]
+    content: bytes
+    client_address: str
+    helo: str
+    smtputf8: bool = False
+    received_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedRecipient:
+    id: int
+    address: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message and those of its recipients leased for one route."""
+
+    queue_id: str
+    route: str
+    sender: str
+    content: bytes
+    smtputf8: bool
+    received_at: float
+    recipients: tuple[LeasedRecipient, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientUpdate:
+    """A recipient's new state after an attempt, as decided by the scheduler."""
+
+    recipient_id: int
+    state: RecipientState
+    reply: str
+    next_attempt: float | None = None
+    counts_as_attempt: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientView:
+    id: int
+    address: str
+    route: str
+    state: RecipientState
+    attempts: int
+    next_attempt: float | None
+    last_reply: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageView:
+    queue_id: str
+    sender: str
+    size: int
+    received_at: float
+    client_address: str
+    helo: str
+    recipients: tuple[RecipientView, ...]
+
+
+class SpoolLockedError(Exception):
+    """Another smtpgate process already serves this spool."""
+
+
+class Spool(abc.ABC):
+    """Durable storage of messages and per-recipient delivery state.
+
+    Invariants: `store` returns only after the message and all its recipients are on
+    stable storage; a recipient is leased (state `sending`) by at most one delivery at a
+    time; nothing is deleted by delivery, only moved to a final state.
+    """
+
+    @abc.abstractmethod
+    async def store(self, message: NewMessage) -> str:
+        """Make the message durable and return its queue id. Only then may SMTP say 250."""
+
+    @abc.abstractmethod
+    async def lease_due(
+        self, routes: Sequence[str], now: float, limit: int
+    ) -> list[Delivery]:
+        """Move up to `limit` due recipients of these routes to `sending`, grouped per message
+        and route, oldest due first."""
+
+    @abc.abstractmethod
+    async def record(self, updates: Sequence[RecipientUpdate], now: float) -> None:
+        """Write attempt results of leased recipients."""
+
+    @abc.abstractmethod
+    async def release_leases(self, now: float) -> int:
+        """At start: recipients a dead process left `sending` become due now; returns how many."""
+
+    @abc.abstractmethod
+    async def note_waiting(self, route: str, reason: str) -> int:
+        """Explain in last_reply why queued recipients of a route are not being sent."""
+
+    @abc.abstractmethod
+    async def retry_now(self, queue_id: str | None, now: float) -> int:
+        """Make deferred recipients (of one message, or all) due now; returns how many."""
+
+    @abc.abstractmethod
+    async def messages(self, limit: int | None = None) -> list[MessageView]:
+        """Messages with every recipient, newest first."""
+
+    @abc.abstractmethod
+    async def message(self, queue_id: str) -> MessageView | None: ...
+
+    @abc.abstractmethod
+    async def content(self, queue_id: str) -> bytes | None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...

@@ -1,0 +1,397 @@
+"""SQLite spool: the embedded default, one file in WAL mode.
+
+All statements run on one thread that owns the connection. Operations queued while a
+transaction commits are batched into the next one, so many concurrent SMTP sessions share
+one WAL fsync (group commit) instead of paying one disk flush each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from smtpgate.spool.base import (
+    Delivery,
+    LeasedRecipient,
+    MessageView,
+    NewMessage,
+    RecipientState,
+    RecipientUpdate,
+    RecipientView,
+    Spool,
+    SpoolLockedError,
+    new_queue_id,
+)
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], Any]
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    queue_id       TEXT PRIMARY KEY,
+    sender         TEXT NOT NULL,
+    size           INTEGER NOT NULL,
+    received_at    REAL NOT NULL,
+    client_address TEXT NOT NULL,
+    helo           TEXT NOT NULL,
+    smtputf8       INTEGER NOT NULL,
+    content        BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS recipients (
+    id           INTEGER PRIMARY KEY,
+    queue_id     TEXT NOT NULL REFERENCES messages(queue_id),
+    address      TEXT NOT NULL,
+    route        TEXT NOT NULL,
+    state        TEXT NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    next_attempt REAL,
+    last_reply   TEXT,
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS recipients_of_message ON recipients(queue_id);
+CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
+    WHERE state IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS recipients_unexplained ON recipients(route, state)
+    WHERE last_reply IS NULL;
+CREATE INDEX IF NOT EXISTS messages_by_age ON messages(received_at);
+"""
+MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
+
+
+class SqliteSpool(Spool):
+    """See `Spool`. Open with `SqliteSpool.open(path, exclusive=True)` in the server."""
+
+    def __init__(self, writer: _Writer, lock_file: int | None) -> None:
+        self._writer = writer
+        self._lock_file = lock_file
+
+    @classmethod
+    def open(cls, path: Path, *, exclusive: bool = False) -> SqliteSpool:
+        """Open (creating if needed). `exclusive` takes the single-server lock or raises
+        SpoolLockedError, so two servers never lease the same recipients."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = _take_lock(path) if exclusive else None
+        writer = _Writer(path)
+        try:
+            writer.start_and_wait()
+        except BaseException:
+            if lock_file is not None:
+                os.close(lock_file)
+            raise
+        return cls(writer, lock_file)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._writer.stop)
+        if self._lock_file is not None:
+            os.close(self._lock_file)
+            self._lock_file = None
+
+    # --- writes ---------------------------------------------------------------------
+
+    async def store(self, message: NewMessage) -> str:
+        queue_id = new_queue_id(message.received_at)
+
+        def insert(db: sqlite3.Connection) -> str:
+            db.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (queue_id, message.sender, len(message.content), message.received_at,
+                 message.client_address, message.helo, message.smtputf8, message.content),
+            )
+            db.executemany(
+                "INSERT INTO recipients (queue_id, address, route, state, next_attempt,"
+                " updated_at) VALUES (?, ?, ?, 'queued', ?, ?)",
+                [(queue_id, r.address, r.route, message.received_at, message.received_at)
+                 for r in message.recipients],
+            )
+            return queue_id
+
+        result: str = await self._writer.submit(insert)
+        return result
+
+    async def lease_due(self, routes: Sequence[str], now: float, limit: int) -> list[Delivery]:
+        if not routes or limit <= 0:
+            return []
+
+        def lease(db: sqlite3.Connection) -> list[Delivery]:
+            rows = db.execute(
+                "UPDATE recipients SET state = 'sending', updated_at = ? WHERE id IN ("
+                " SELECT id FROM recipients WHERE state IN ('queued', 'deferred')"
+                f" AND next_attempt <= ? AND route IN ({_marks(routes)})"
+                " ORDER BY next_attempt LIMIT ?)"
+                " RETURNING id, queue_id, address, route, attempts",
+                (now, now, *routes, limit),
+            ).fetchall()
+            grouped: dict[tuple[str, str], list[LeasedRecipient]] = {}
+            for rid, queue_id, address, route, attempts in sorted(rows):
+                grouped.setdefault((queue_id, route), []).append(
+                    LeasedRecipient(rid, address, attempts)
+                )
+            messages = _fetch_messages(db, {queue_id for queue_id, _ in grouped})
+            return [
+                Delivery(queue_id, route, *messages[queue_id], tuple(recipients))
+                for (queue_id, route), recipients in grouped.items()
+            ]
+
+        result: list[Delivery] = await self._writer.submit(lease)
+        return result
+
+    async def record(self, updates: Sequence[RecipientUpdate], now: float) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            db.executemany(
+                "UPDATE recipients SET state = ?, last_reply = ?, next_attempt = ?,"
+                " attempts = attempts + ?, updated_at = ? WHERE id = ? AND state = 'sending'",
+                [(u.state.value, u.reply, u.next_attempt, int(u.counts_as_attempt), now,
+                  u.recipient_id) for u in updates],
+            )
+
+        await self._writer.submit(write)
+
+    async def release_leases(self, now: float) -> int:
+        def release(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE recipients SET state = 'queued', next_attempt = ?, updated_at = ?,"
+                " last_reply = 'interrupted while sending (outcome unknown); sending again'"
+                " WHERE state = 'sending'",
+                (now, now),
+            ).rowcount
+
+        result: int = await self._writer.submit(release)
+        return result
+
+    async def note_waiting(self, route: str, reason: str) -> int:
+        def note(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE recipients SET last_reply = ?"
+                " WHERE route = ? AND state = 'queued' AND last_reply IS NULL",
+                (reason, route),
+            ).rowcount
+
+        result: int = await self._writer.submit(note)
+        return result
+
+    async def retry_now(self, queue_id: str | None, now: float) -> int:
+        def retry(db: sqlite3.Connection) -> int:
+            sql = "UPDATE recipients SET next_attempt = ? WHERE state = 'deferred'"
+            if queue_id is None:
+                return db.execute(sql, (now,)).rowcount
+            return db.execute(sql + " AND queue_id = ?", (now, queue_id)).rowcount
+
+        result: int = await self._writer.submit(retry)
+        return result
+
+    # --- reads ----------------------------------------------------------------------
+
+    async def messages(self, limit: int | None = None) -> list[MessageView]:
+        def read(db: sqlite3.Connection) -> list[MessageView]:
+            rows = db.execute(
+                "SELECT queue_id, sender, size, received_at, client_address, helo"
+                " FROM messages ORDER BY received_at DESC, queue_id DESC LIMIT ?",
+                (-1 if limit is None else limit,),
+            ).fetchall()
+            return _with_recipients(db, rows)
+
+        result: list[MessageView] = await self._writer.submit(read)
+        return result
+
+    async def message(self, queue_id: str) -> MessageView | None:
+        def read(db: sqlite3.Connection) -> MessageView | None:
+            rows = db.execute(
+                "SELECT queue_id, sender, size, received_at, client_address, helo"
+                " FROM messages WHERE queue_id = ?",
+                (queue_id,),
+            ).fetchall()
+            views = _with_recipients(db, rows)
+            return views[0] if views else None
+
+        result: MessageView | None = await self._writer.submit(read)
+        return result
+
+    async def content(self, queue_id: str) -> bytes | None:
+        def read(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute(
+                "SELECT content FROM messages WHERE queue_id = ?", (queue_id,)
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        result: bytes | None = await self._writer.submit(read)
+        return result
+
+
+def _marks(values: Sequence[object]) -> str:
+    """Bound-parameter placeholders: values never enter the SQL text."""
+    return ",".join("?" * len(values))
+
+
+def _fetch_messages(
+    db: sqlite3.Connection, queue_ids: set[str]
+) -> dict[str, tuple[str, bytes, bool, float]]:
+    found: dict[str, tuple[str, bytes, bool, float]] = {}
+    ids = sorted(queue_ids)
+    for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
+        chunk = ids[start:start + 500]
+        for queue_id, sender, content, smtputf8, received_at in db.execute(
+            "SELECT queue_id, sender, content, smtputf8, received_at FROM messages"
+            f" WHERE queue_id IN ({_marks(chunk)})",
+            chunk,
+        ):
+            found[queue_id] = (sender, bytes(content), bool(smtputf8), received_at)
+    return found
+
+
+def _with_recipients(db: sqlite3.Connection, rows: list[Any]) -> list[MessageView]:
+    views = []
+    for queue_id, sender, size, received_at, client_address, helo in rows:
+        recipients = tuple(
+            RecipientView(rid, address, route, RecipientState(state), attempts,
+                          next_attempt, last_reply, updated_at)
+            for rid, address, route, state, attempts, next_attempt, last_reply, updated_at
+            in db.execute(
+                "SELECT id, address, route, state, attempts, next_attempt, last_reply,"
+                " updated_at FROM recipients WHERE queue_id = ? ORDER BY id",
+                (queue_id,),
+            )
+        )
+        views.append(MessageView(queue_id, sender, size, received_at, client_address, helo,
+                                 recipients))
+    return views
+
+
+def _take_lock(path: Path) -> int:
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise SpoolLockedError(
+            f"spool {path} is in use by smtpgate pid {holder}; stop that server first"
+            " or give this one another --state-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+class _Writer:
+    """The one thread that owns the connection and runs queued operations in batches."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[
+            tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop] | None
+        ] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._ready = threading.Event()
+        self._open_error: BaseException | None = None
+
+    def start_and_wait(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._open_error is not None:
+            raise self._open_error
+
+    def stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def submit(self, operation: Operation) -> asyncio.Future[Any]:
+        if not self._thread.is_alive():
+            raise RuntimeError("the spool is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((operation, future, loop))
+        return future
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        db.execute("PRAGMA busy_timeout = 10000")  # the CLI may write while the server runs
+        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+            raise sqlite3.OperationalError(f"{self._path}: cannot switch to WAL mode")
+        db.execute("PRAGMA synchronous = FULL")  # every commit reaches the disk before 250
+        db.execute("PRAGMA foreign_keys = ON")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise sqlite3.OperationalError(
+                f"{self._path} has schema {version}, newer than this smtpgate knows"
+                f" ({SCHEMA_VERSION}); upgrade smtpgate"
+            )
+        db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        return db
+
+    def _run(self) -> None:
+        try:
+            db = self._connect()
+        except BaseException as error:
+            self._open_error = error
+            self._ready.set()
+            return
+        self._ready.set()
+        stopping = False
+        with contextlib.closing(db):
+            while not stopping:
+                first = self._queue.get()
+                batch = []
+                if first is None:
+                    stopping = True
+                else:
+                    batch.append(first)
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                    else:
+                        batch.append(item)
+                if batch:
+                    self._run_batch(db, batch)
+
+    @staticmethod
+    def _run_batch(
+        db: sqlite3.Connection,
+        batch: list[tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop]],
+    ) -> None:
+        """One transaction, one savepoint per operation: a failing operation fails alone."""
+        outcomes: list[tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, Any]] = []
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for operation, future, loop in batch:
+                db.execute("SAVEPOINT operation")
+                try:
+                    result = operation(db)
+                except Exception as operation_error:
+                    db.execute("ROLLBACK TO operation")
+                    db.execute("RELEASE operation")
+                    outcomes.append((future, loop, None, operation_error))
+                else:
+                    db.execute("RELEASE operation")
+                    outcomes.append((future, loop, result, None))
+            db.execute("COMMIT")
+        except Exception as commit_error:  # the commit itself failed (disk full, I/O error)
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            outcomes = [(future, loop, None, commit_error) for _, future, loop in batch]
+        for future, loop, result, error in outcomes:
+            with contextlib.suppress(RuntimeError):  # that loop has closed
+                loop.call_soon_threadsafe(_settle, future, result, error)
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():  # the waiting SMTP session went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
