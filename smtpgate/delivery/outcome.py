@@ -57,10 +57,19 @@ def format_reply(code: int, text: str) -> str:
 
 
 def describe_error(error: BaseException) -> str:
-    """A network error in words a person reading `smtpgate queue` understands."""
-    if isinstance(error, ConnectionRefusedError):
+    """A network error in words a person reading `smtpgate queue` understands.
+
+    Looks through the wrappers (aiosmtplib raises SMTPConnectError from the OSError)."""
+    root: BaseException = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, ConnectionRefusedError):
         return "connection refused"
-    if isinstance(error, TimeoutError):
+    if isinstance(root, ConnectionResetError):
+        return "connection reset by peer"
+    if isinstance(root, TimeoutError) or isinstance(error, TimeoutError):
         return "timed out"
+    if isinstance(root, OSError) and root.strerror:
+        return root.strerror.lower()
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
