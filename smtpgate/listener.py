@@ -60,7 +60,7 @@ class Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:
-        envelope.mail_from = address
+        envelope.mail_from = address  # "<>" for the null sender: aiosmtpd needs it truthy
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
@@ -81,7 +81,7 @@ class Handler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content, controls = split_controls(envelope.original_content or b"")
-        sender = envelope.mail_from or ""
+        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
         client_ip = _peer_ip(session)
         route_envelope = RouteEnvelope(sender, client_ip, controls.get("route"))
         message = NewMessage(

@@ -89,6 +89,17 @@ def test_message_arrives_byte_for_byte_without_control_headers(
                for e in gateway.events())
 
 
+def test_null_sender_is_relayed_as_null_sender(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    upstream = upstreams.start()
+    gateway = gateway_factory(relay_config(upstream.port),
+                              server=with_default_route("upstream"))
+    send(gateway.port, "", ["postmaster@example.com"], b"Subject: bounce\r\n\r\nb\r\n")
+    wait_until(lambda: upstream.messages, what="the bounce to arrive")
+    assert upstream.messages[0].mail_from == "<>"
+
+
 def test_rules_send_each_recipient_its_own_way(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
