@@ -7,6 +7,7 @@ here and nowhere else. A bad file becomes one `ConfigError` naming the key, neve
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -59,8 +60,8 @@ def parse_duration(value: object) -> float:
         seconds = float(number) * factor
     else:
         raise ValueError("expected a duration such as '90s', '5m', '1h' or '5d'")
-    if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError("a duration must be finite and not negative")
     return seconds
 
 
@@ -140,7 +141,8 @@ def _listen_list(value: object) -> object:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # coerce_numbers_to_str: SMTPGATE_SERVER__HOSTNAME=123 reads as TOML 123, still a name.
+    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
 
 
 class ServerConfig(_Section):
@@ -166,8 +168,15 @@ class SpoolConfig(_Section):
     @field_validator("url")
     @classmethod
     def _known_backend(cls, url: str | None) -> str | None:
-        if url is not None and not url.startswith("sqlite:///"):
-            raise ValueError("only 'sqlite:///PATH' is supported by this version")
+        if url is None:
+            return url
+        if not url.startswith("sqlite:///"):
+            raise ValueError("only 'sqlite:////absolute/path.db' is supported by this version")
+        if not url.removeprefix("sqlite:///").startswith("/"):
+            raise ValueError(
+                "the spool path must be absolute: 'sqlite:////var/lib/smtpgate/spool.db'"
+                " (four slashes: three for the scheme, one for the root)"
+            )
         return url
 
 
@@ -282,6 +291,8 @@ def default_state_dir(environ: Mapping[str, str]) -> Path:
     """$SMTPGATE_STATE_DIR, else the XDG state directory ($XDG_STATE_HOME/smtpgate)."""
     if environ.get("SMTPGATE_STATE_DIR"):
         return Path(environ["SMTPGATE_STATE_DIR"])
+    if environ.get("XDG_STATE_HOME"):
+        return Path(environ["XDG_STATE_HOME"]) / "smtpgate"
     import platformdirs
 
     return Path(platformdirs.user_state_dir("smtpgate", appauthor=False))
@@ -307,7 +318,9 @@ def load(
             raise ConfigError(f"{path}: cannot read: {error}") from None
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    apply_environment(raw, environ)
+    overrides = apply_environment(raw, environ)
+    if overrides:
+        where += f" with {', '.join(overrides)}"
     server = raw.setdefault("server", {})
     if not isinstance(server, dict):
         raise ConfigError(f"{where}: server: expected a table [server]")
@@ -321,8 +334,10 @@ def load(
         raise ConfigError(f"{where}: " + describe(error)) from None
 
 
-def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
-    """SMTPGATE_RELAYS__CORP__HOST=x sets relays.corp.host; values parse as TOML when they can."""
+def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
+    """SMTPGATE_RELAYS__CORP__HOST=x sets relays.corp.host; values parse as TOML when they can.
+    Returns the names of the variables applied, for error messages."""
+    applied = []
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -335,6 +350,8 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> None:
             if not isinstance(table, dict):
                 raise ConfigError(f"{name}: {key} is not a table and cannot hold {keys[-1]}")
         table[keys[-1]] = _env_value(text)
+        applied.append(name)
+    return applied
 
 
 def _env_value(text: str) -> object:

@@ -15,8 +15,7 @@ def split_controls(content: bytes) -> tuple[bytes, dict[str, str]]:
     Returns the content without them and their values by lower-case name without the
     prefix ('route', 'job', ...); of a repeated name the first wins.
     """
-    end = content.find(b"\r\n\r\n")
-    header_end = len(content) if end < 0 else end + 2
+    header_end = _end_of_header_section(content)
     if CONTROL_PREFIX not in content[:header_end].lower():
         return content, {}
     kept: list[bytes] = []
@@ -38,3 +37,14 @@ def split_controls(content: bytes) -> tuple[bytes, dict[str, str]]:
         text = b" ".join(part.strip() for part in parts).decode("utf-8", "replace")
         controls.setdefault(key, text)
     return b"".join(kept) + content[header_end:], controls
+
+
+def _end_of_header_section(content: bytes) -> int:
+    """Offset of the empty line that ends the header section (RFC 5322 2.1), or the end.
+    A bare LF counts as a line end here so body lines are never taken for fields."""
+    offset = 0
+    for line in content.splitlines(keepends=True):
+        if line in (b"\r\n", b"\n"):
+            return offset
+        offset += len(line)
+    return offset

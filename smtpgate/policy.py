@@ -22,15 +22,24 @@ class RelayPolicy:
         self._trusted = list(trusted_networks)
 
     def may_relay(self, client_ip: str | None) -> bool:
-        if client_ip is None:
+        address = client_address(client_ip)
+        if address is None:
             return False
-        try:
-            address = ipaddress.ip_address(client_ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
         return address.is_loopback or any(address in net for net in self._trusted)
+
+
+def client_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as networks compare it: zone id dropped, ::ffff:a.b.c.d unmapped
+    (a dual-stack listener reports IPv4 clients that way)."""
+    if not text:
+        return None
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
 
 
 def refuse_open_relay(config: Config) -> None:

@@ -7,10 +7,10 @@ none, `server.default_route`. Recipients of one message may take different route
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 from dataclasses import dataclass
 
 from smtpgate.config import Config, RuleConfig
+from smtpgate.policy import client_address
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +46,8 @@ def _matches(rule: RuleConfig, envelope: Envelope, recipient: str) -> bool:
     ):
         return False
     if rule.client is not None:
-        try:
-            address = ipaddress.ip_address((envelope.client_ip or "").split("%", 1)[0])
-        except ValueError:
-            return False
-        if not any(address in network for network in rule.client):
+        address = client_address(envelope.client_ip)
+        if address is None or not any(address in network for network in rule.client):
             return False
     return True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,7 @@ def test_embedded_defaults(tmp_path: Path) -> None:
     assert config.spool_path() == tmp_path / "spool.db"
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="XDG_STATE_HOME is the Linux convention")
 def test_embedded_defaults_use_the_xdg_state_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -318,8 +320,32 @@ def test_undefined_default_route(tmp_path: Path) -> None:
 
 
 def test_only_sqlite_spool_urls(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="spool.url: only 'sqlite:///PATH'"):
+    with pytest.raises(ConfigError, match=r"spool\.url: only 'sqlite:////absolute/path\.db'"):
         load_text(tmp_path, "[spool]\nurl = 'postgresql://db/smtpgate'\n")
+
+
+def test_relative_sqlite_spool_path_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"spool\.url: the spool path must be absolute"):
+        load_text(tmp_path, "[spool]\nurl = 'sqlite:///var/lib/smtpgate/spool.db'\n")
+    config = load_text(tmp_path, f"[spool]\nurl = 'sqlite:///{tmp_path}/s.db'\n")
+    assert config.spool_path() == tmp_path / "s.db"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_durations_must_be_finite(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"delivery\.give_up_after: a duration must be finite"):
+        load_text(tmp_path, f"[delivery]\ngive_up_after = {value}\n")
+
+
+def test_errors_from_the_environment_name_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"with SMTPGATE_SERVER__BOGUS: server\.bogus"):
+        load(None, environ={"SMTPGATE_SERVER__BOGUS": "1"}, state_dir=str(tmp_path))
+
+
+def test_a_numeric_environment_value_fills_a_text_key(tmp_path: Path) -> None:
+    config = load(None, environ={"SMTPGATE_SERVER__HOSTNAME": "123"},
+                  state_dir=str(tmp_path))
+    assert config.server.hostname == "123"
 
 
 # --- environment overrides ----------------------------------------------------------
@@ -480,10 +506,12 @@ def test_masked_hides_passwords_at_any_depth() -> None:
     # No section of this version has a secret field yet (passwords come from password_env),
     # so a model with one stands in for the relay section that will.
     model = _WithSecrets(
-        relays={"corp": _Upstream(host="smtp.example.com", username="me", password="hunter2")}
+        relays={"corp": _Upstream.model_validate(
+            {"host": "smtp.example.com", "username": "me", "password": "hunter2"}
+        )}
     )
     shown = masked(model)  # type: ignore[arg-type]
-    assert shown["relays"]["corp"]["password"] == "********"
+    assert shown["relays"]["corp"]["password"] == "*" * 8
     assert "hunter2" not in json.dumps(shown)
     assert shown["relays"]["corp"]["host"] == "smtp.example.com"
     assert shown["relays"]["corp"]["username"] == "me"

@@ -304,7 +304,7 @@ def test_queue_retry_sends_deferred_mail_now_on_a_running_server(
     port = free_port()
     gateway = gateway_factory(relay_config(port, retry='["1h"]'),
                               server=with_default_route("upstream"))
-    code, reply = send(gateway.port, "a@example.org", ["b@example.com"])
+    _, reply = send(gateway.port, "a@example.org", ["b@example.com"])
     gateway.wait_for_state("b@example.com", "deferred")
     upstream = upstreams.start(port=port)
 

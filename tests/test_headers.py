@@ -129,11 +129,6 @@ def test_values_are_decoded_as_utf8_and_trimmed() -> None:
     assert controls == {"job": "Café Newsletter"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG smtpgate/headers.py: the header section is taken to end at the first"
-    " CRLFCRLF, so with no header fields it runs into the body",
-)
 def test_empty_header_section_keeps_body_lines() -> None:
     # A message that starts with the blank line has no header fields at all; a body line
     # that looks like a control header must stay, and must not steer the routing.
@@ -141,11 +136,6 @@ def test_empty_header_section_keeps_body_lines() -> None:
     assert split_controls(content) == (content, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG smtpgate/headers.py: only CRLFCRLF ends the header section, so a bare-LF"
-    " message is all 'header' and its body loses lines that look like control fields",
-)
 def test_bare_lf_message_keeps_body_lines() -> None:
     # Some scripts send bare LF line ends; aiosmtpd passes them through unchanged.
     content = b"Subject: s\nX-Smtpgate-Route: corp\n\nX-Smtpgate-Route: body text\nbye\n"

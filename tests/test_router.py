@@ -118,11 +118,6 @@ def test_client_network(client: str | None, route: str) -> None:
     assert r.route(envelope(client=client), "bob@example.org") == route
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG smtpgate/router.py _matches: an IPv4-mapped IPv6 client (::ffff:10.1.2.3) is"
-    " not unmapped before the network test, unlike policy.RelayPolicy.may_relay",
-)
 def test_client_network_matches_ipv4_mapped_address() -> None:
     r = router({"route": "lan", "client": "10.0.0.0/8"})
     assert r.route(envelope(client="::ffff:10.1.2.3"), "bob@example.org") == "lan"

@@ -457,11 +457,6 @@ class TestSqliteSpool:
         with pytest.raises(RuntimeError, match="closed"):
             asyncio.run(scenario())
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="BUG smtpgate/spool/sqlite.py store(): a queue id collision (same microsecond,"
-        " 20 random bits) fails with IntegrityError instead of drawing a new id",
-    )
     def test_two_messages_in_the_same_microsecond(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -64,6 +64,7 @@ CREATE INDEX IF NOT EXISTS recipients_unexplained ON recipients(route, state)
     WHERE last_reply IS NULL;
 CREATE INDEX IF NOT EXISTS messages_by_age ON messages(received_at);
 """
+ID_ATTEMPTS = 8
 MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
 
 
@@ -98,14 +99,23 @@ class SqliteSpool(Spool):
     # --- writes ---------------------------------------------------------------------
 
     async def store(self, message: NewMessage) -> str:
-        queue_id = new_queue_id(message.received_at)
-
         def insert(db: sqlite3.Connection) -> str:
-            db.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (queue_id, message.sender, len(message.content), message.received_at,
-                 message.client_address, message.helo, message.smtputf8, message.content),
-            )
+            for step in range(ID_ATTEMPTS):
+                # Each retry moves the clock part on by 1 µs, so even a stuck random
+                # source cannot collide forever.
+                queue_id = new_queue_id(message.received_at + step / 1_000_000)
+                try:
+                    db.execute(
+                        "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        (queue_id, message.sender, len(message.content), message.received_at,
+                         message.client_address, message.helo, message.smtputf8,
+                         message.content),
+                    )
+                except sqlite3.IntegrityError:
+                    continue
+                break
+            else:
+                raise RuntimeError(f"no free queue id after {ID_ATTEMPTS} attempts")
             db.executemany(
                 "INSERT INTO recipients (queue_id, address, route, state, next_attempt,"
                 " updated_at) VALUES (?, ?, ?, 'queued', ?, ?)",
@@ -127,11 +137,11 @@ class SqliteSpool(Spool):
                 " SELECT id FROM recipients WHERE state IN ('queued', 'deferred')"
                 f" AND next_attempt <= ? AND route IN ({_marks(routes)})"
                 " ORDER BY next_attempt LIMIT ?)"
-                " RETURNING id, queue_id, address, route, attempts",
+                " RETURNING next_attempt, id, queue_id, address, route, attempts",
                 (now, now, *routes, limit),
             ).fetchall()
             grouped: dict[tuple[str, str], list[LeasedRecipient]] = {}
-            for rid, queue_id, address, route, attempts in sorted(rows):
+            for _, rid, queue_id, address, route, attempts in sorted(rows):
                 grouped.setdefault((queue_id, route), []).append(
                     LeasedRecipient(rid, address, attempts)
                 )
@@ -180,10 +190,11 @@ class SqliteSpool(Spool):
 
     async def retry_now(self, queue_id: str | None, now: float) -> int:
         def retry(db: sqlite3.Connection) -> int:
-            sql = "UPDATE recipients SET next_attempt = ? WHERE state = 'deferred'"
+            sql = ("UPDATE recipients SET next_attempt = ?, updated_at = ?"
+                   " WHERE state = 'deferred'")
             if queue_id is None:
-                return db.execute(sql, (now,)).rowcount
-            return db.execute(sql + " AND queue_id = ?", (now, queue_id)).rowcount
+                return db.execute(sql, (now, now)).rowcount
+            return db.execute(sql + " AND queue_id = ?", (now, now, queue_id)).rowcount
 
         result: int = await self._writer.submit(retry)
         return result
