@@ -113,6 +113,9 @@ def _config_check(config: Config, args: argparse.Namespace) -> int:
     from smtpgate.policy import refuse_open_relay
 
     refuse_open_relay(config)
+    config.relay_passwords(os.environ)  # a password_env that is not set is an error now
+    for warning in config.warnings():
+        print(f"warning: {warning}", file=sys.stderr)
     effective = masked(config)
     if args.json:
         print(json.dumps(effective, indent=2))
@@ -157,19 +160,25 @@ def _with_spool(config: Config) -> SqliteSpool | None:
 
 
 def _queue_list(config: Config, args: argparse.Namespace) -> int:
-    async def read() -> list[MessageView]:
+    async def read() -> tuple[list[MessageView], dict[str, tuple[str, float]]]:
         spool = _with_spool(config)
         if spool is None:
-            return []
+            return [], {}
         try:
-            return await spool.messages(args.limit)
+            return await spool.messages(args.limit), await spool.relay_statuses()
         finally:
             await spool.close()
 
-    messages = asyncio.run(read())
+    messages, relays = asyncio.run(read())
     if args.json:
-        print(json.dumps([_message_json(m) for m in messages], indent=2))
+        print(json.dumps({
+            "relays": {name: {"status": status, "since": _iso(at)}
+                       for name, (status, at) in relays.items()},
+            "messages": [_message_json(m) for m in messages],
+        }, indent=2))
         return EXIT_OK
+    for name, (status, at) in sorted(relays.items()):
+        print(f"relay {name}: {status} (since {_when(at)})")
     rows = []
     for message in messages:
         for index, r in enumerate(message.recipients):

@@ -180,11 +180,97 @@ class SpoolConfig(_Section):
         return url
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.I)
+_RATE_WINDOWS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
+                 "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+
+
+class Rate(BaseModel):
+    """At most `count` messages in any `window` seconds, written "30/min"."""
+
+    model_config = ConfigDict(frozen=True)
+    count: int
+    window: float
+
+    @classmethod
+    def parse(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        match = _RATE.match(value)
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(
+                f"{value!r} is not a rate such as '14/s', '30/min', '100/h' or '10000/d'")
+        return cls(count=int(match.group(1)), window=_RATE_WINDOWS[match.group(2).lower()])
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "min", 3600: "h", 86400: "d"}.get(int(self.window))
+        return f"{self.count}/{unit}" if unit else f"{self.count}/{self.window:g}s"
+
+
+RateList = Annotated[list[Annotated[Rate, BeforeValidator(Rate.parse)]],
+                     BeforeValidator(_one_or_many)]
+DEFAULT_PORTS = {"none": 25, "starttls": 587, "ssl": 465}
+
+
 class RelayConfig(_Section):
+    """An upstream SMTP server. Every option of AY Mail's "Send through the following SMTP
+    server" maps here: see config/smtpgate.toml."""
+
     host: str = Field(min_length=1)
-    port: Port = 25
+    port: Port | None = None  # default by tls: none 25, starttls 587, ssl 465
+    tls: Literal["none", "ssl", "starttls"] = "starttls"
+    ca_file: Path | None = None
+    verify: bool = True
+    username: str | None = None
+    password: str | None = None
+    password_env: str | None = None
+    password_file: Path | None = None
+    allow_plaintext_auth: bool = False
     timeout: Duration = 60.0
     data_timeout: Duration = 600.0  # RFC 5321 4.5.3.2.6: wait 10 minutes for the final reply
+    chunk_size: int = Field(default=1000, ge=1)
+    chunk_delay: Duration = 0.0
+    concurrency: int = Field(default=1, ge=1, le=256)
+    rate: RateList = Field(default_factory=list)
+    turbo: bool = False
+    max_recipients: int = Field(default=100, ge=1)
+    backoff: Duration = 30.0  # first pause when the upstream says "too many"; doubles
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RelayConfig:
+        sources = [k for k in ("password", "password_env", "password_file") if getattr(self, k)]
+        if len(sources) > 1:
+            raise ValueError(f"give the password one way, not {' and '.join(sources)}")
+        if sources and not self.username:
+            raise ValueError(f"{sources[0]} is set but username is not")
+        if self.username and self.tls == "none" and not self.allow_plaintext_auth:
+            raise ValueError(
+                "username with tls = 'none' would send the password in the clear;"
+                " use tls = 'starttls' or 'ssl', or set allow_plaintext_auth = true"
+            )
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"ca_file {self.ca_file} is not a readable file")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or DEFAULT_PORTS[self.tls]
+
+    def resolve_password(self, environ: Mapping[str, str]) -> str | None:
+        """The AUTH password from wherever the config says; ConfigError if it is missing."""
+        if self.password_env:
+            value = environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(f"password_env: ${self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return self.password_file.read_text(encoding="utf-8").strip("\r\n")
+            except OSError as error:
+                raise ConfigError(
+                    f"password_file: cannot read {self.password_file}: {error.strerror}"
+                ) from None
+        return self.password
 
 
 class DeliveryConfig(_Section):
@@ -255,6 +341,24 @@ class Config(_Section):
                     f" (defined: {', '.join(self.routes)})"
                 )
         return self
+
+    def relay_passwords(self, environ: Mapping[str, str]) -> dict[str, str | None]:
+        """Every relay's AUTH password, or one ConfigError naming the relay that lacks it."""
+        passwords = {}
+        for name, relay in self.relays.items():
+            try:
+                passwords[name] = relay.resolve_password(environ)
+            except ConfigError as error:
+                raise ConfigError(f"relays.{name}.{error}") from None
+        return passwords
+
+    def warnings(self) -> list[str]:
+        """Things that work but should not be so, for `config check`."""
+        return [
+            f"relays.{name}.password is written in the config file; prefer password_env"
+            " or password_file so the secret stays out of the file"
+            for name, relay in self.relays.items() if relay.password
+        ]
 
     def state_dir(self) -> Path:
         if self.server.state_dir is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 
@@ -18,7 +19,7 @@ from smtpgate.listener import Connections, Handler, protocol_factory
 from smtpgate.policy import RelayPolicy, refuse_open_relay
 from smtpgate.router import Router
 from smtpgate.scheduler import Scheduler
-from smtpgate.spool import SqliteSpool
+from smtpgate.spool import Spool, SqliteSpool
 from smtpgate.transports import RelayTransport, Transport
 
 log = logs.get(__name__)
@@ -41,8 +42,11 @@ class Server:
         self._stop = asyncio.Event()
         self._signals = 0
 
-    def build_transports(self) -> tuple[dict[str, Transport], dict[str, str]]:
-        """Transports by route name, and the routes that cannot send yet with the reason."""
+    def build_transports(
+        self, spool: Spool, passwords: dict[str, str | None]
+    ) -> tuple[dict[str, Transport], dict[str, str]]:
+        """Transports by route name, and the routes that cannot send yet with the reason.
+        Routes naming the same relay share its transport, so its limits hold for both."""
         transports: dict[str, Transport] = {}
         waiting: dict[str, str] = {}
         relays: dict[str, RelayTransport] = {}
@@ -52,6 +56,7 @@ class Server:
                     relays[route.relay] = RelayTransport(
                         route.relay, self.config.relays[route.relay],
                         helo_name=self.config.server.hostname,
+                        password=passwords[route.relay], ledger=spool,
                     )
                 transports[name] = relays[route.relay]
             else:
@@ -60,11 +65,14 @@ class Server:
 
     async def serve(self) -> None:
         config = self.config
-        # 1. Refuse a config that would make an open relay, before touching anything.
+        # 1. Refuse a config that would make an open relay, before touching anything;
+        #    find every relay's password (a missing one is a config error, now).
         refuse_open_relay(config)
+        passwords = config.relay_passwords(os.environ)
         # 2. Take the spool (and its single-server lock); release work a dead process leased.
         spool = SqliteSpool.open(config.spool_path(), exclusive=True)
         listeners: list[asyncio.Server] = []
+        transports: dict[str, Transport] = {}
         scheduler_task: asyncio.Task[None] | None = None
         try:
             released = await spool.release_leases(time.time())
@@ -72,7 +80,9 @@ class Server:
                 log.warning("released recipients left in flight by a previous run",
                             count=released)
             # 3. The delivery side, built but not started until the listeners are bound.
-            transports, waiting = self.build_transports()
+            transports, waiting = self.build_transports(spool, passwords)
+            for transport in set(transports.values()):
+                await transport.start()
             retry = {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports}
             scheduler = Scheduler(spool, transports, retry, waiting)
             # 4. The accepting side.
@@ -113,6 +123,8 @@ class Server:
                     await scheduler_task
             for listener in listeners:
                 listener.close()
+            for transport in set(transports.values()):
+                await transport.close()
             await spool.close()
             log.info("stopped")
 

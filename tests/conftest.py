@@ -298,7 +298,11 @@ class Gateway:
         return result
 
     def queue(self) -> list[dict[str, Any]]:
-        data: list[dict[str, Any]] = json.loads(self.cli("queue", "--json").stdout)
+        data: list[dict[str, Any]] = json.loads(self.cli("queue", "--json").stdout)["messages"]
+        return data
+
+    def relay_statuses(self) -> dict[str, dict[str, Any]]:
+        data: dict[str, dict[str, Any]] = json.loads(self.cli("queue", "--json").stdout)["relays"]
         return data
 
     def recipients(self) -> dict[str, dict[str, Any]]:
@@ -360,7 +364,9 @@ def relay_config(port: int, *, route: str = "upstream", retry: str = '["1s"]',
         [relays.{route}]
         host = "127.0.0.1"
         port = {port}
+        tls = "none"
         timeout = "5s"
+        backoff = "1s"
 
         [routes.{route}]
         mode = "relay"

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
 
 from smtpgate.config import (
     Config,
@@ -491,31 +490,18 @@ def test_empty_retry_schedule_is_refused(tmp_path: Path) -> None:
 # --- masked -------------------------------------------------------------------------
 
 
-class _Upstream(BaseModel):
-    host: str
-    username: str
-    password: str
-    token: str = ""
-
-
-class _WithSecrets(BaseModel):
-    relays: dict[str, _Upstream]
-
-
-def test_masked_hides_passwords_at_any_depth() -> None:
-    # No section of this version has a secret field yet (passwords come from password_env),
-    # so a model with one stands in for the relay section that will.
-    model = _WithSecrets(
-        relays={"corp": _Upstream.model_validate(
-            {"host": "smtp.example.com", "username": "me", "password": "hunter2"}
-        )}
+def test_masked_hides_an_inline_password_and_config_warns(tmp_path: Path) -> None:
+    config = load_text(
+        tmp_path,
+        "[relays.corp]\nhost = 'smtp.example.com'\nusername = 'me'\npassword = 'hunter2'\n",
     )
-    shown = masked(model)  # type: ignore[arg-type]
+    shown = masked(config)
     assert shown["relays"]["corp"]["password"] == "*" * 8
     assert "hunter2" not in json.dumps(shown)
-    assert shown["relays"]["corp"]["host"] == "smtp.example.com"
     assert shown["relays"]["corp"]["username"] == "me"
-    assert shown["relays"]["corp"]["token"] == ""  # nothing set, nothing to hide
+    assert config.warnings() == [
+        "relays.corp.password is written in the config file; prefer password_env"
+        " or password_file so the secret stays out of the file"]
 
 
 def test_masked_is_the_effective_config_as_plain_data(tmp_path: Path) -> None:
@@ -526,8 +512,9 @@ def test_masked_is_the_effective_config_as_plain_data(tmp_path: Path) -> None:
     )
     shown = masked(config)
     assert json.loads(json.dumps(shown)) == shown
-    assert shown["relays"]["corp"] == {
-        "host": "smtp.example.com", "port": 25, "timeout": 120.0, "data_timeout": 600.0,
-    }
+    assert shown["relays"]["corp"]["host"] == "smtp.example.com"
+    assert shown["relays"]["corp"]["timeout"] == 120.0
+    assert shown["relays"]["corp"]["tls"] == "starttls"
+    assert shown["relays"]["corp"]["password"] is None
     assert shown["routes"]["direct"]["mode"] == "direct"
     assert shown["server"]["state_dir"] == str(tmp_path / "state")

@@ -28,6 +28,7 @@ class Outcome:
     verdict: Verdict
     reply: str
     scope: Scope
+    uncertain: bool = False  # the connection died after the final dot: it may have arrived
 
     @classmethod
     def from_reply(cls, code: int, text: str, scope: Scope) -> Outcome:
@@ -41,9 +42,9 @@ class Outcome:
         return cls(Verdict.DEFERRED, reply, scope)
 
     @classmethod
-    def deferred(cls, reason: str, scope: Scope) -> Outcome:
-        """Network errors, timeouts, drops: the outcome is not known, so try again."""
-        return cls(Verdict.DEFERRED, reason, scope)
+    def deferred(cls, reason: str, scope: Scope, *, uncertain: bool = False) -> Outcome:
+        """Network errors, timeouts, drops: try again."""
+        return cls(Verdict.DEFERRED, reason, scope, uncertain)
 
     @classmethod
     def failed(cls, reason: str, scope: Scope) -> Outcome:
@@ -73,3 +74,16 @@ def describe_error(error: BaseException) -> str:
         return root.strerror.lower()
     text = str(error).strip()
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+_SLOW_DOWN_WORDS = ("too many", "rate", "slow down", "throttl", "limit", "try again later")
+
+
+def asks_to_slow_down(reply: str) -> bool:
+    """421, or a 4.7.x reply about volume: the upstream wants fewer connections or messages."""
+    if reply.startswith("421"):
+        return True
+    if reply[:1] == "4" and reply[4:8] == "4.7.":
+        text = reply.lower()
+        return any(word in text for word in _SLOW_DOWN_WORDS)
+    return False

@@ -161,5 +161,23 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     async def content(self, queue_id: str) -> bytes | None: ...
 
+    # --- per-relay state that must survive a restart ---------------------------------
+
+    @abc.abstractmethod
+    async def log_send(self, relay: str, at: float) -> None:
+        """Count one message sent through a rate-limited relay."""
+
+    @abc.abstractmethod
+    async def sends_since(self, relay: str, since: float) -> list[float]:
+        """Send times of a relay after `since`; older ones are forgotten."""
+
+    @abc.abstractmethod
+    async def set_relay_status(self, relay: str, status: str | None, now: float) -> None:
+        """Why a relay is slowed down (None: it is not), for `smtpgate queue`."""
+
+    @abc.abstractmethod
+    async def relay_statuses(self) -> dict[str, tuple[str, float]]:
+        """Relays with a status: their status and when it was set."""
+
     @abc.abstractmethod
     async def close(self) -> None: ...

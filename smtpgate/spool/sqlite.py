@@ -63,6 +63,16 @@ CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
 CREATE INDEX IF NOT EXISTS recipients_unexplained ON recipients(route, state)
     WHERE last_reply IS NULL;
 CREATE INDEX IF NOT EXISTS messages_by_age ON messages(received_at);
+CREATE TABLE IF NOT EXISTS relay_sends (
+    relay TEXT NOT NULL,
+    at    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS relay_sends_by_time ON relay_sends(relay, at);
+CREATE TABLE IF NOT EXISTS relay_status (
+    relay      TEXT PRIMARY KEY,
+    status     TEXT NOT NULL,
+    updated_at REAL NOT NULL
+);
 """
 ID_ATTEMPTS = 8
 MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
@@ -197,6 +207,39 @@ class SqliteSpool(Spool):
             return db.execute(sql + " AND queue_id = ?", (now, now, queue_id)).rowcount
 
         result: int = await self._writer.submit(retry)
+        return result
+
+    async def log_send(self, relay: str, at: float) -> None:
+        def insert(db: sqlite3.Connection) -> None:
+            db.execute("INSERT INTO relay_sends VALUES (?, ?)", (relay, at))
+
+        await self._writer.submit(insert)
+
+    async def sends_since(self, relay: str, since: float) -> list[float]:
+        def read(db: sqlite3.Connection) -> list[float]:
+            db.execute("DELETE FROM relay_sends WHERE relay = ? AND at <= ?", (relay, since))
+            return [at for (at,) in db.execute(
+                "SELECT at FROM relay_sends WHERE relay = ? ORDER BY at", (relay,))]
+
+        result: list[float] = await self._writer.submit(read)
+        return result
+
+    async def set_relay_status(self, relay: str, status: str | None, now: float) -> None:
+        def write(db: sqlite3.Connection) -> None:
+            if status is None:
+                db.execute("DELETE FROM relay_status WHERE relay = ?", (relay,))
+            else:
+                db.execute("INSERT OR REPLACE INTO relay_status VALUES (?, ?, ?)",
+                           (relay, status, now))
+
+        await self._writer.submit(write)
+
+    async def relay_statuses(self) -> dict[str, tuple[str, float]]:
+        def read(db: sqlite3.Connection) -> dict[str, tuple[str, float]]:
+            return {relay: (status, at) for relay, status, at in
+                    db.execute("SELECT relay, status, updated_at FROM relay_status")}
+
+        result: dict[str, tuple[str, float]] = await self._writer.submit(read)
         return result
 
     # --- reads ----------------------------------------------------------------------

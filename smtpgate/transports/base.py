@@ -12,10 +12,25 @@ class Transport(Protocol):
     """Sends one message to some of its recipients and says what became of each.
 
     `deliver` never raises for SMTP or network trouble: it returns an Outcome for every
-    recipient id of the delivery. `concurrency` caps simultaneous deliveries.
+    recipient id of the delivery. `concurrency` caps simultaneous deliveries. `start`
+    runs before the first delivery, `close` at shutdown.
     """
 
     name: str
     concurrency: int
 
+    async def start(self) -> None: ...
+
     async def deliver(self, delivery: Delivery) -> dict[int, Outcome]: ...
+
+    async def close(self) -> None: ...
+
+
+class RelayLedger(Protocol):
+    """What a relay keeps in the spool so that it survives a restart (see spool.base)."""
+
+    async def log_send(self, relay: str, at: float) -> None: ...
+
+    async def sends_since(self, relay: str, since: float) -> list[float]: ...
+
+    async def set_relay_status(self, relay: str, status: str | None, now: float) -> None: ...

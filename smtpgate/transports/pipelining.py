@@ -1,0 +1,119 @@
+"""Pipelining (RFC 2920): MAIL, every RCPT and DATA in one write, replies matched in order.
+
+aiosmtplib reads exactly one reply per command it sends, so a pipelined transaction
+borrows the connection's transport for its duration and reads the replies itself. It
+checks that each reply fits its command, so a server that answers out of step is caught
+instead of having its replies paired with the wrong recipients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+MAX_REPLY_BYTES = 64 * 1024  # a reply longer than this is not SMTP
+
+
+class PipelineBroken(Exception):
+    """The server stalled or answered out of step; nothing was handed over yet."""
+
+
+class ConnectionDropped(ConnectionError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str
+
+
+class ReplyReader(asyncio.Protocol):
+    """Collects complete (multi-line) replies in the order they arrive."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._replies: deque[Reply] = deque()
+        self._arrived = asyncio.Event()
+        self._lost: BaseException | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer.extend(data)
+        if len(self._buffer) > MAX_REPLY_BYTES:
+            self._lost = PipelineBroken("reply too long")
+        else:
+            self._parse()
+        self._arrived.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = ConnectionDropped("connection lost" + (f": {exc}" if exc else ""))
+        self._arrived.set()
+
+    def eof_received(self) -> bool:
+        self._lost = ConnectionDropped("connection closed by the server")
+        self._arrived.set()
+        return False
+
+    def _parse(self) -> None:
+        lines: list[bytes] = []
+        offset = 0
+        while (end := self._buffer.find(b"\n", offset)) >= 0:
+            line = bytes(self._buffer[offset:end + 1]).rstrip(b"\r\n")
+            offset = end + 1
+            if not re.match(rb"^\d{3}([ -]|$)", line):
+                self._lost = PipelineBroken(f"malformed reply line {line[:80]!r}")
+                return
+            lines.append(line)
+            if line[3:4] != b"-":
+                text = "\n".join(part[4:].decode("utf-8", "replace") for part in lines)
+                self._replies.append(Reply(int(line[:3]), text))
+                del self._buffer[:offset]
+                offset = 0
+                lines = []
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    async def next(self, within: float) -> Reply:
+        """The next reply; TimeoutError if none arrives `within` seconds."""
+        async with asyncio.timeout(within):
+            while not self._replies:
+                if self._lost is not None:
+                    raise self._lost
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self._replies.popleft()
+
+
+@contextmanager
+def borrowed(transport: asyncio.Transport) -> Iterator[ReplyReader]:
+    """Route the transport's incoming data to a ReplyReader, then give it back."""
+    original = transport.get_protocol()
+    reader = ReplyReader()
+    transport.set_protocol(reader)
+    try:
+        yield reader
+    finally:
+        if not reader.lost:
+            transport.set_protocol(original)
+
+
+def dot_stuffed(content: bytes) -> bytes:
+    """DATA payload: CRLF line ends, leading dots doubled (RFC 5321 4.5.2), final dot."""
+    content = re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+    content = re.sub(rb"(?m)^\.", b"..", content)
+    if not content.endswith(b"\r\n"):
+        content += b"\r\n"
+    return content + b".\r\n"
+
+
+def fits(command: bytes, reply: Reply) -> bool:
+    """Could this reply answer this command? 354 only to DATA, 2xx never to DATA."""
+    if command.startswith(b"DATA"):
+        return reply.code == 354 or 400 <= reply.code < 600
+    return 200 <= reply.code < 300 or 400 <= reply.code < 600

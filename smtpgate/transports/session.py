@@ -1,0 +1,401 @@
+"""Upstream session: one SMTP connection to a relay, set up with its TLS and AUTH settings,
+that runs mail transactions one command at a time or pipelined.
+
+aiosmtplib does the connection, TLS, EHLO and AUTH; `pipelining.py` does the pipelined
+transaction on the same connection. Used by the relay transport and by `smtpgate check`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import aiosmtplib
+
+from smtpgate.config import RelayConfig
+from smtpgate.delivery.outcome import Outcome, Scope, describe_error, format_reply
+from smtpgate.spool.base import Delivery, LeasedRecipient
+from smtpgate.transports.pipelining import (
+    ConnectionDropped,
+    PipelineBroken,
+    Reply,
+    ReplyReader,
+    borrowed,
+    dot_stuffed,
+    fits,
+)
+
+
+class SessionError(Exception):
+    """The session could not be set up or went away; `outcome` applies to every recipient
+    still waiting. `auth_failed` marks a rejected password, a setting to fix."""
+
+    def __init__(self, outcome: Outcome, *, auth_failed: bool = False) -> None:
+        super().__init__(outcome.reply)
+        self.outcome = outcome
+        self.auth_failed = auth_failed
+
+
+class StaleConnection(Exception):
+    """A reused connection was closed by the server before this transaction began;
+    nothing was sent, so the transaction may run again on a new connection."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSInfo:
+    version: str
+    cipher: str
+    subject: str
+    issuer: str
+    not_after: dt.datetime | None
+
+
+def tls_context(config: RelayConfig) -> ssl.SSLContext | None:
+    """Verification on unless `verify = false`; `ca_file` adds the CAs of private servers."""
+    if config.tls == "none":
+        return None
+    context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+    if not config.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class UpstreamSession:
+    def __init__(self, client: aiosmtplib.SMTP, config: RelayConfig) -> None:
+        self._client = client
+        self._config = config
+        self.transactions = 0  # messages handed over on this connection (for chunks)
+
+    @classmethod
+    async def open(
+        cls, config: RelayConfig, *, helo_name: str, context: ssl.SSLContext | None,
+        password: str | None,
+    ) -> UpstreamSession:
+        where = f"{config.host}:{config.effective_port}"
+        client = aiosmtplib.SMTP(
+            hostname=config.host, port=config.effective_port, timeout=config.timeout,
+            local_hostname=helo_name, use_tls=config.tls == "ssl", start_tls=False,
+            tls_context=context,
+        )
+        try:
+            await client.connect()
+            await client.ehlo()
+            if config.tls == "starttls":
+                if not client.supports_extension("starttls"):
+                    raise SessionError(Outcome.deferred(
+                        f"{where} does not offer STARTTLS; not sending in plaintext"
+                        " (tls = 'starttls')", Scope.SESSION))
+                await client.starttls(tls_context=context)
+                await client.ehlo()
+            if config.username:
+                await _login(client, config.username, password or "", where)
+        except SessionError:
+            client.close()
+            raise
+        except aiosmtplib.SMTPAuthenticationError as error:
+            client.close()
+            raise SessionError(Outcome.deferred(
+                f"{format_reply(error.code, error.message)} (AUTH as {config.username}"
+                f" refused by {where}: check the username and password)",
+                Scope.SESSION), auth_failed=True) from None
+        except aiosmtplib.SMTPResponseException as error:
+            client.close()
+            raise SessionError(Outcome.from_reply(
+                error.code, error.message, Scope.SESSION)) from None
+        except (OSError, aiosmtplib.SMTPException) as error:
+            client.close()
+            raise SessionError(Outcome.deferred(
+                f"cannot talk to {where}: {explain_connect_error(error)}", Scope.SESSION)
+            ) from None
+        return cls(client, config)
+
+    @property
+    def is_connected(self) -> bool:
+        return self._client.is_connected
+
+    @property
+    def offers_pipelining(self) -> bool:
+        return self._client.supports_extension("pipelining")
+
+    def tls_info(self) -> TLSInfo | None:
+        ssl_object = self._client.get_transport_info("ssl_object")
+        if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
+            return None
+        cert = ssl_object.getpeercert() or {}
+        not_after = cert.get("notAfter")
+        return TLSInfo(
+            version=ssl_object.version() or "?",
+            cipher=(ssl_object.cipher() or ("?",))[0],
+            subject=_name(cert.get("subject", ())),
+            issuer=_name(cert.get("issuer", ())),
+            not_after=dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(str(not_after)), dt.UTC)
+            if not_after else None,
+        )
+
+    async def quit(self) -> None:
+        try:
+            await self._client.quit()
+        except (OSError, aiosmtplib.SMTPException):
+            self._client.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    # --- transactions ---------------------------------------------------------------
+
+    async def send(self, delivery: Delivery, *, pipelined: bool) -> dict[int, Outcome]:
+        """Hand the message over for every leased recipient, in as few transactions as
+        max_recipients and the server's "452 too many recipients" allow."""
+        outcomes: dict[int, Outcome] = {}
+        pending = list(delivery.recipients)
+        first = True
+        while pending:
+            batch, pending = pending[:self._config.max_recipients], \
+                pending[self._config.max_recipients:]
+            try:
+                if pipelined:
+                    result, postponed = await self._pipelined(delivery, batch)
+                else:
+                    result, postponed = await self._stepwise(delivery, batch)
+            except SessionError as error:
+                if first and self.transactions > 0 and not self.is_connected:
+                    raise StaleConnection from error
+                for recipient in [*batch, *pending]:
+                    outcomes[recipient.id] = error.outcome
+                return outcomes
+            first = False
+            outcomes.update(result)
+            if postponed and len(postponed) == len(batch):  # the server took none at all
+                outcomes.update({r.id: Outcome.deferred(
+                    "452 4.5.3 too many recipients, and none accepted", Scope.RECIPIENT)
+                    for r in postponed})
+                postponed = []
+            pending = postponed + pending
+        return outcomes
+
+    async def _stepwise(
+        self, delivery: Delivery, batch: Sequence[LeasedRecipient]
+    ) -> tuple[dict[int, Outcome], list[LeasedRecipient]]:
+        client = self._client
+        encoding = self._encoding(delivery)
+        try:
+            await client.mail(delivery.sender, options=self._mail_options(delivery),
+                              encoding=encoding)
+        except aiosmtplib.SMTPResponseException as error:
+            self._lost_unless_connected(error, "MAIL FROM")
+            return dict.fromkeys((r.id for r in batch), Outcome.from_reply(
+                error.code, error.message, Scope.MESSAGE)), []
+        except (OSError, aiosmtplib.SMTPException) as error:
+            raise self._lost(error, "MAIL FROM") from None
+
+        outcomes: dict[int, Outcome] = {}
+        accepted: list[LeasedRecipient] = []
+        postponed: list[LeasedRecipient] = []
+        for index, recipient in enumerate(batch):
+            try:
+                await client.rcpt(recipient.address, encoding=encoding)
+            except aiosmtplib.SMTPResponseException as error:
+                self._lost_unless_connected(error, "RCPT TO")
+                if _too_many_recipients(error.code, error.message) and accepted:
+                    postponed = list(batch[index:])  # RFC 5321 4.5.3.1.10: next transaction
+                    break
+                outcomes[recipient.id] = Outcome.from_reply(
+                    error.code, error.message, Scope.RECIPIENT)
+            except (OSError, aiosmtplib.SMTPException) as error:
+                raise self._lost(error, "RCPT TO") from None
+            else:
+                accepted.append(recipient)
+        if not accepted:
+            await self._reset()
+            return outcomes, postponed
+        try:
+            response = await client.data(delivery.content, timeout=self._config.data_timeout)
+        except aiosmtplib.SMTPResponseException as error:
+            self._lost_unless_connected(error, "DATA")
+            final = Outcome.from_reply(error.code, error.message, Scope.MESSAGE)
+        except (OSError, aiosmtplib.SMTPException) as error:
+            raise self._lost(error, "DATA", unknown=True) from None
+        else:
+            final = Outcome.from_reply(response.code, response.message, Scope.MESSAGE)
+        self.transactions += 1
+        outcomes.update(dict.fromkeys((r.id for r in accepted), final))
+        return outcomes, postponed
+
+    async def _pipelined(
+        self, delivery: Delivery, batch: Sequence[LeasedRecipient]
+    ) -> tuple[dict[int, Outcome], list[LeasedRecipient]]:
+        """RFC 2920 section 3.1: MAIL, RCPTs and DATA in one write; replies in order.
+        Raises PipelineBroken when the server stalls or answers out of step before any
+        message data was sent, so the caller may safely retry one command at a time."""
+        encoding = self._encoding(delivery)
+        options = "".join(f" {o}" for o in self._mail_options(delivery))
+        commands = [f"MAIL FROM:<{delivery.sender}>{options}\r\n".encode(encoding)]
+        commands += [f"RCPT TO:<{r.address}>\r\n".encode(encoding) for r in batch]
+        commands.append(b"DATA\r\n")
+        if any(b"\r" in c[:-2] or b"\n" in c[:-2] for c in commands):
+            raise SessionError(Outcome.failed("555 5.5.4 line break in an address",
+                                              Scope.MESSAGE))
+        transport = self._client.transport
+        if not isinstance(transport, asyncio.Transport):
+            raise self._lost(ConnectionDropped("not connected"), "MAIL FROM")
+        timeout = self._config.timeout
+        with borrowed(transport) as reader:
+            transport.write(b"".join(commands))
+            replies: list[Reply] = []
+            try:
+                for command in commands:
+                    reply = await reader.next(timeout)
+                    if not fits(command, reply):
+                        raise PipelineBroken(f"reply {reply.code} does not answer"
+                                             f" {command.split(b':')[0].decode()}")
+                    replies.append(reply)
+            except TimeoutError:
+                self.close()
+                raise PipelineBroken(
+                    f"no reply within {timeout:g}s to pipelined commands"
+                    f" ({len(replies)} of {len(commands)} answered)") from None
+            except PipelineBroken:
+                self.close()
+                raise
+            except ConnectionDropped as error:
+                self.close()
+                raise self._lost(error, "RCPT TO") from None
+            mail, *rcpts, data = replies
+            outcomes: dict[int, Outcome] = {}
+            accepted: list[LeasedRecipient] = []
+            postponed: list[LeasedRecipient] = []
+            if not 200 <= mail.code < 300:
+                outcome = Outcome.from_reply(mail.code, mail.text, Scope.MESSAGE)
+                outcomes = dict.fromkeys((r.id for r in batch), outcome)
+            else:
+                for recipient, reply in zip(batch, rcpts, strict=True):
+                    if 200 <= reply.code < 300:
+                        accepted.append(recipient)
+                    elif _too_many_recipients(reply.code, reply.text):
+                        postponed.append(recipient)
+                    else:
+                        outcomes[recipient.id] = Outcome.from_reply(
+                            reply.code, reply.text, Scope.RECIPIENT)
+            if data.code != 354:
+                # RFC 2920: DATA is refused when no recipient was accepted.
+                if accepted:
+                    outcome = Outcome.from_reply(data.code, data.text, Scope.MESSAGE)
+                    outcomes.update(dict.fromkeys((r.id for r in accepted), outcome))
+                if mail.code < 300:
+                    transport.write(b"RSET\r\n")
+                    await self._drain_reply(reader, timeout)
+                return outcomes, postponed
+            payload = dot_stuffed(delivery.content) if accepted else b".\r\n"
+            transport.write(payload)
+            try:
+                final = await reader.next(self._config.data_timeout)
+            except (TimeoutError, ConnectionDropped, PipelineBroken) as error:
+                self.close()
+                raise self._lost(error, "DATA", unknown=bool(accepted)) from None
+        if accepted:
+            self.transactions += 1
+            outcome = Outcome.from_reply(final.code, final.text, Scope.MESSAGE)
+            outcomes.update(dict.fromkeys((r.id for r in accepted), outcome))
+        return outcomes, postponed
+
+    async def _drain_reply(self, reader: ReplyReader, within: float) -> None:
+        try:
+            await reader.next(within)
+        except (TimeoutError, ConnectionDropped, PipelineBroken):
+            self.close()
+
+    async def _reset(self) -> None:
+        try:
+            await self._client.rset()
+        except (OSError, aiosmtplib.SMTPException):
+            self.close()
+
+    # --- helpers --------------------------------------------------------------------
+
+    def _encoding(self, delivery: Delivery) -> str:
+        if not delivery.smtputf8:
+            return "ascii"
+        if not self._client.supports_extension("smtputf8"):
+            # RFC 6531 3.4: an internationalized address cannot be downgraded.
+            raise SessionError(Outcome.failed(
+                "553 5.6.7 the upstream does not support SMTPUTF8, which the"
+                " internationalized addresses of this message need", Scope.MESSAGE))
+        return "utf-8"
+
+    def _mail_options(self, delivery: Delivery) -> list[str]:
+        options = []
+        if self._client.supports_extension("8bitmime") and not delivery.content.isascii():
+            options.append("BODY=8BITMIME")
+        if delivery.smtputf8:
+            options.append("SMTPUTF8")
+        if self._client.supports_extension("size"):
+            options.append(f"SIZE={len(delivery.content)}")
+        return options
+
+    def _lost_unless_connected(self, error: aiosmtplib.SMTPResponseException,
+                               stage: str) -> None:
+        """A 421 reply closes the session (RFC 5321 3.8): the rest cannot go on it."""
+        if error.code == 421 or not self.is_connected:
+            self.close()
+            raise SessionError(Outcome.from_reply(error.code, error.message, Scope.SESSION))
+
+    def _lost(self, error: BaseException, stage: str, *, unknown: bool = False
+              ) -> SessionError:
+        self.close()
+        if unknown:
+            # The upstream may or may not have taken the message: sending again may
+            # duplicate it, not sending may lose it. Like Postfix, defer.
+            return SessionError(Outcome.deferred(
+                f"connection lost during DATA, outcome unknown: {describe_error(error)}",
+                Scope.MESSAGE, uncertain=True))
+        return SessionError(Outcome.deferred(
+            f"connection lost at {stage}: {describe_error(error)}", Scope.SESSION))
+
+
+async def _login(client: aiosmtplib.SMTP, username: str, password: str, where: str) -> None:
+    """AUTH PLAIN or LOGIN (whichever the server offers), never over plaintext unless the
+    config allowed it (checked at load)."""
+    methods = client.supported_auth_methods
+    if "plain" in methods:
+        await client.auth_plain(username, password)
+    elif "login" in methods:
+        await client.auth_login(username, password)
+    elif methods:
+        await client.login(username, password)
+    else:
+        raise SessionError(Outcome.deferred(
+            f"{where} does not offer AUTH, but a username is configured", Scope.SESSION))
+
+
+def _too_many_recipients(code: int, text: str) -> bool:
+    return code == 452 and ("4.5.3" in text or "too many recipients" in text.lower())
+
+
+def explain_connect_error(error: BaseException) -> str:
+    """TLS failures name their fix; the rest say what the network said."""
+    root: BaseException = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    if isinstance(root, ssl.SSLCertVerificationError):
+        return (f"TLS certificate not trusted: {root.verify_message or root.reason}."
+                " If the server uses a private or self-signed certificate, set ca_file to"
+                " the PEM file of the CA that signed it (or verify = false, unsafe)")
+    if isinstance(root, ssl.SSLError):
+        return f"TLS failed: {root.reason or root}"
+    return describe_error(error)
+
+
+_SHORT_NAMES = {"commonName": "CN", "organizationName": "O", "countryName": "C"}
+
+
+def _name(parts: object) -> str:
+    """An X.509 name from getpeercert() as 'CN=..., O=...'."""
+    items = []
+    for rdn in parts if isinstance(parts, tuple) else ():
+        for key, value in rdn:
+            items.append(f"{_SHORT_NAMES.get(key, key)}={value}")
+    return ", ".join(items)
