@@ -43,6 +43,7 @@ class Scheduler:
         self._slots = {name: asyncio.Semaphore(t.concurrency) for name, t in transports.items()}
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     def wake(self) -> None:
         """Something new is due (a message was stored): look now instead of at the next poll."""
@@ -53,7 +54,7 @@ class Scheduler:
         for route, reason in self._waiting.items():
             log.warning("route cannot send yet; its mail stays queued", route=route,
                         reason=reason)
-        while True:
+        while not self._stopping:
             self._wake.clear()
             for route, reason in self._waiting.items():
                 await self._spool.note_waiting(route, reason)
@@ -65,8 +66,11 @@ class Scheduler:
                     task = asyncio.create_task(self._deliver(delivery))
                     self._in_flight.add(task)
                     task.add_done_callback(self._finished)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            # that arrives as the event fires, and the scheduler would never stop.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
+                async with asyncio.timeout(POLL_SECONDS):
+                    await self._wake.wait()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -75,6 +79,8 @@ class Scheduler:
     async def drain(self, grace: float) -> None:
         """Shutdown: let deliveries under way finish for up to `grace` s, then cancel them.
         Cancelled ones stay `sending` and are released at the next start."""
+        self._stopping = True  # lease nothing more
+        self._wake.set()
         if not self._in_flight:
             return
         log.info("waiting for deliveries under way", count=len(self._in_flight))

@@ -111,7 +111,8 @@ class Server:
                 listener.close()
             # b. let open sessions finish their transaction, up to the grace period;
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(connections.idle.wait(), SESSION_GRACE_SECONDS)
+                async with asyncio.timeout(SESSION_GRACE_SECONDS):
+                    await connections.idle.wait()
             # c. let deliveries under way finish, then cancel the rest (they stay leased
             #    and are sent again after the next start);
             await scheduler.drain(DELIVERY_GRACE_SECONDS)

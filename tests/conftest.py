@@ -13,18 +13,21 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.smtp import SMTP, Envelope, Session
+import trustme
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 STARTUP_SECONDS = 15.0
 
@@ -55,6 +58,8 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     content: bytes
+    connection: int = 0  # which connection of this upstream it came over, from 1
+    at: float = 0.0
 
 
 @dataclass
@@ -66,12 +71,41 @@ class UpstreamHandler:
     data_replies: list[str] = field(default_factory=list)
     drop_after_data: int = 0  # close without a reply to the final dot, this many times
     stall_data: bool = False  # never answer the final dot
+    pipelining: bool = False  # advertise PIPELINING (aiosmtpd reads pipelined commands fine)
+    max_rcpts: int = 0  # answer "452 4.5.3" past this many recipients in a transaction
+    drop_at_mail: int = 0  # drop the connection at the Nth MAIL FROM over all connections
+    users: dict[str, str] = field(default_factory=dict)  # AUTH required when not empty
     connections: int = 0
+    connected_at: list[float] = field(default_factory=list)
+    open_connections: int = 0
+    most_open: int = 0
+    reads: list[bytes] = field(default_factory=list)  # every chunk read from the network
+    mails: int = 0
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        return responses
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        self.mails += 1
+        if self.drop_at_mail and self.mails == self.drop_at_mail:
+            assert server.transport is not None
+            server.transport.abort()
+            await asyncio.sleep(3600)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 OK"
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         if address in self.rcpt_replies:
             return self.rcpt_replies[address]
+        if self.max_rcpts and len(envelope.rcpt_tos) >= self.max_rcpts:
+            return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
@@ -89,14 +123,58 @@ class UpstreamHandler:
                 return reply
         assert isinstance(envelope.original_content, bytes)
         self.messages.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos),
-                                      envelope.original_content))
+                                      envelope.original_content,
+                                      getattr(server, "number", 0), time.time()))
         return "250 2.0.0 Ok: stored by upstream"
+
+    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
+                     mechanism: str, auth_data: Any) -> AuthResult:
+        ok = (isinstance(auth_data, LoginPassword)
+              and self.users.get(auth_data.login.decode()) == auth_data.password.decode())
+        return AuthResult(success=ok, handled=False)
 
 
 class UpstreamSMTP(SMTP):
-    def __init__(self, handler: UpstreamHandler) -> None:
-        super().__init__(handler, hostname="upstream.test", enable_SMTPUTF8=True)
+    """aiosmtpd as an upstream, counting connections and what each read brought."""
+
+    def __init__(self, handler: UpstreamHandler, tls_context: ssl.SSLContext | None = None,
+                 implicit_tls: bool = False) -> None:
+        with warnings.catch_warnings():  # "AUTH without TLS": the TLS is implicit here
+            warnings.simplefilter("ignore", UserWarning)
+            self._build(handler, tls_context, implicit_tls)
         handler.connections += 1
+        self.number = handler.connections
+        self._handler_ref = handler
+        self._open = False
+
+    def _build(self, handler: UpstreamHandler, tls_context: ssl.SSLContext | None,
+               implicit_tls: bool) -> None:
+        super().__init__(
+            handler, hostname="upstream.test", enable_SMTPUTF8=True, tls_context=tls_context,
+            require_starttls=tls_context is not None,
+            auth_require_tls=not implicit_tls,  # aiosmtpd cannot see the implicit TLS
+            auth_required=bool(handler.users), authenticator=handler.authenticate,
+            auth_exclude_mechanism=["CRAM-MD5"] if handler.users else None,
+        )
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        handler = self._handler_ref
+        if not self._open:  # STARTTLS calls this a second time
+            self._open = True
+            handler.connected_at.append(time.time())
+            handler.open_connections += 1
+            handler.most_open = max(handler.most_open, handler.open_connections)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._open:
+            self._open = False
+            self._handler_ref.open_connections -= 1
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        self._handler_ref.reads.append(data)
+        super().data_received(data)
 
 
 class RawScript(asyncio.Protocol):
@@ -144,6 +222,78 @@ class MidDataDrop(asyncio.Protocol):
                 self.transport.write(b"250 ok\r\n")
 
 
+class PipelineTrap(asyncio.Protocol):
+    """Advertises PIPELINING but misbehaves when commands arrive together: "stall" answers
+    MAIL and the first RCPT, then never again; "out_of_step" sends one reply too many.
+    One command at a time it is a correct server that records what it receives."""
+
+    def __init__(self, mode: str, messages: list[Received], counter: list[int]) -> None:
+        self.mode = mode
+        self.messages = messages
+        counter[0] += 1
+        self.number = counter[0]
+        self.buffer = b""
+        self.hung = False
+        self.envelope: tuple[str, list[str]] = ("", [])
+        self.in_data = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(b"220 trap.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        if self.hung:
+            return
+        self.buffer += data
+        if self.in_data:
+            self._collect()
+            return
+        lines = self.buffer.split(b"\r\n")
+        self.buffer = lines.pop()
+        if len(lines) > 1 and lines[0].upper().startswith(b"MAIL"):
+            if self.mode == "stall":
+                self.transport.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
+                self.hung = True
+                return
+            self.transport.write(b"250 2.0.0 an extra reply\r\n")
+        for line in lines:
+            self._command(line)
+            if self.in_data:
+                self._collect()
+                return
+
+    def _command(self, line: bytes) -> None:
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            self.transport.write(b"250-trap.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+        elif verb == b"MAIL":
+            self.envelope = (line.decode()[10:].strip("<> "), [])
+            self.transport.write(b"250 2.1.0 ok\r\n")
+        elif verb == b"RCPT":
+            self.envelope[1].append(line.decode()[8:].strip("<> "))
+            self.transport.write(b"250 2.1.5 ok\r\n")
+        elif verb == b"DATA":
+            self.transport.write(b"354 go ahead\r\n")
+            self.in_data = True
+        elif verb == b"QUIT":
+            self.transport.write(b"221 bye\r\n")
+            self.transport.close()
+        else:
+            self.transport.write(b"250 ok\r\n")
+
+    def _collect(self) -> None:
+        end = self.buffer.find(b"\r\n.\r\n")
+        if end < 0:
+            return
+        content = self.buffer[:end + 2].replace(b"\r\n..", b"\r\n.")
+        self.buffer = self.buffer[end + 5:]
+        self.in_data = False
+        self.messages.append(Received(self.envelope[0], self.envelope[1], content,
+                                      self.number, time.time()))
+        self.transport.write(b"250 2.0.0 taken\r\n")
+
+
 class Upstreams:
     """Starts servers on the background loop; stops them all at the end of the test."""
 
@@ -154,13 +304,29 @@ class Upstreams:
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
 
-    def start(self, port: int | None = None, **behaviour: Any) -> Upstream:
+    def start(self, port: int | None = None, *, starttls: ssl.SSLContext | None = None,
+              implicit_tls: ssl.SSLContext | None = None, **behaviour: Any) -> Upstream:
+        """An aiosmtpd upstream; `starttls` offers (and requires) STARTTLS with that
+        server context, `implicit_tls` speaks TLS from the first byte."""
         handler = UpstreamHandler(**behaviour)
-        return self.start_protocol(lambda: UpstreamSMTP(handler), port, handler)
+        return self.start_protocol(
+            lambda: UpstreamSMTP(handler, starttls, implicit_tls is not None), port, handler,
+            ssl_context=implicit_tls)
+
+    def start_trap(self, mode: str) -> Upstream:
+        handler = UpstreamHandler()
+        counter = [0]
+
+        def build() -> asyncio.BaseProtocol:
+            trap = PipelineTrap(mode, handler.messages, counter)
+            handler.connections = counter[0]
+            return trap
+
+        return self.start_protocol(build, None, handler)
 
     def start_protocol(self, factory: Callable[[], asyncio.BaseProtocol],
-                       port: int | None = None, handler: UpstreamHandler | None = None
-                       ) -> Upstream:
+                       port: int | None = None, handler: UpstreamHandler | None = None,
+                       *, ssl_context: ssl.SSLContext | None = None) -> Upstream:
         port = port or free_port()
         protocols: list[asyncio.BaseProtocol] = []
 
@@ -169,7 +335,7 @@ class Upstreams:
             return protocols[-1]
 
         server = self._run(self._loop.create_server(tracked, "127.0.0.1", port,
-                                                    reuse_address=True))
+                                                    reuse_address=True, ssl=ssl_context))
         self._servers[server] = protocols
         return Upstream(port, handler or UpstreamHandler(), server, self)
 
@@ -227,14 +393,37 @@ def upstreams(background_loop: asyncio.AbstractEventLoop) -> Iterator[Upstreams]
     servers.stop_all()
 
 
+@dataclass
+class Certificates:
+    """A throwaway CA and a server certificate for 127.0.0.1 and localhost."""
+
+    server_context: ssl.SSLContext
+    ca_file: Path
+    untrusted_context: ssl.SSLContext  # signed by a CA the gateway does not know
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server)
+    ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    stranger = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    trustme.CA().issue_cert("127.0.0.1").configure_cert(stranger)
+    return Certificates(server, ca_file, stranger)
+
+
 # --- smtpgate as a user runs it ---------------------------------------------------------
 
 
 class Gateway:
     """`smtpgate serve` in a subprocess with a config written by the test."""
 
-    def __init__(self, workdir: Path, config_text: str, port: int) -> None:
+    def __init__(self, workdir: Path, config_text: str, port: int,
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.env = {**_clean_env(), **(env or {})}
         self.port = port
         self.state_dir = workdir / "state"
         self.config_path = workdir / "smtpgate.toml"
@@ -249,7 +438,7 @@ class Gateway:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
             self.process = subprocess.Popen(
                 self.command("serve", "--log-format", "json", "--log-level", "debug"),
-                stdout=log, stderr=log, env=_clean_env(),
+                stdout=log, stderr=log, env=self.env,
             )
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
@@ -291,7 +480,7 @@ class Gateway:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(self.command(*args), capture_output=True, text=True,
-                                env=_clean_env(), timeout=60)
+                                env=self.env, timeout=60)
         if check and result.returncode != 0:
             pytest.fail(f"smtpgate {' '.join(args)} exited {result.returncode}:\n"
                         f"{result.stdout}\n{result.stderr}")
@@ -335,7 +524,8 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
     started: list[Gateway] = []
     count = 0
 
-    def make(config: str = "", *, start: bool = True, server: str = "") -> Gateway:
+    def make(config: str = "", *, start: bool = True, server: str = "",
+             env: dict[str, str] | None = None) -> Gateway:
         nonlocal count
         count += 1
         workdir = tmp_path / f"gateway{count}"
@@ -347,7 +537,7 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
             state_dir = "{workdir / 'state'}"
             hostname = "gateway.test"
             """) + textwrap.dedent(server) + "\n" + textwrap.dedent(config)
-        gateway = Gateway(workdir, text, port)
+        gateway = Gateway(workdir, text, port, env)
         started.append(gateway)
         return gateway.start() if start else gateway
 
@@ -358,23 +548,17 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
 
 
 def relay_config(port: int, *, route: str = "upstream", retry: str = '["1s"]',
-                 give_up_after: str = '"5d"') -> str:
-    """A relay route named `route` to 127.0.0.1:port."""
-    text = f"""
-        [relays.{route}]
-        host = "127.0.0.1"
-        port = {port}
-        tls = "none"
-        timeout = "5s"
-        backoff = "1s"
-
-        [routes.{route}]
-        mode = "relay"
-        relay = "{route}"
-        retry_schedule = {retry}
-        give_up_after = {give_up_after}
-        """
-    return textwrap.dedent(text)
+                 give_up_after: str = '"5d"', relay: str = "") -> str:
+    """A relay route named `route` to 127.0.0.1:port. `relay` holds more [relays.x] keys;
+    unless it says otherwise: plain SMTP, 5 s timeouts, 1 s backoff."""
+    lines = [line.strip() for line in relay.strip().splitlines() if line.strip()]
+    given = {line.split("=")[0].strip() for line in lines}
+    defaults = {"tls": '"none"', "timeout": '"5s"', "backoff": '"1s"'}
+    lines += [f"{key} = {value}" for key, value in defaults.items() if key not in given]
+    body = "\n".join(lines)
+    return (f'[relays.{route}]\nhost = "127.0.0.1"\nport = {port}\n{body}\n\n'
+            f'[routes.{route}]\nmode = "relay"\nrelay = "{route}"\n'
+            f"retry_schedule = {retry}\ngive_up_after = {give_up_after}\n\n")
 
 
 def with_default_route(route: str) -> str:
