@@ -74,6 +74,21 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true")
     check.set_defaults(run=_config_check)
 
+    check = commands.add_parser(
+        "check", parents=[common], help="try a route's upstream: connect, TLS, AUTH, send")
+    check.add_argument("route", metavar="ROUTE")
+    check.add_argument("--send-to", metavar="ADDRESS", help="also send one test message")
+    check.add_argument("--from", dest="sender", metavar="ADDRESS",
+                       help="envelope sender of the test message")
+    check.set_defaults(run=_check)
+
+    send = commands.add_parser(
+        "send", parents=[common], help="inject a test message through the running gateway")
+    send.add_argument("--to", required=True, metavar="ADDRESS", action="append")
+    send.add_argument("--from", dest="sender", metavar="ADDRESS")
+    send.add_argument("--route", metavar="ROUTE", help="send it by this route")
+    send.set_defaults(run=_send)
+
     queue = commands.add_parser("queue", parents=[common],
                                 help="messages and recipients in the spool")
     queue.add_argument("--json", action="store_true")
@@ -103,6 +118,57 @@ def _serve(config: Config, args: argparse.Namespace) -> int:
     except StartupError as error:
         print(f"smtpgate: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    return EXIT_OK
+
+
+# --- check and send ---------------------------------------------------------------------
+
+
+def _check(config: Config, args: argparse.Namespace) -> int:
+    from smtpgate.check import check_route
+
+    def say(step: str, ok: bool, detail: str) -> None:
+        print(f"{step:<8} {'ok  ' if ok else 'FAIL'}  {detail}", flush=True)
+
+    passed = asyncio.run(check_route(config, args.route, say, send_to=args.send_to,
+                                     sender=args.sender))
+    print(f"verdict  route {args.route} {'works' if passed else 'does NOT work'}")
+    return EXIT_OK if passed else EXIT_FAILURE
+
+
+def _send(config: Config, args: argparse.Namespace) -> int:
+    import smtplib
+
+    from smtpgate.check import sample_message
+
+    if args.route and args.route not in config.routes:
+        raise ConfigError(f"--route: no route {args.route!r} (defined: {', '.join(config.routes)})")
+    listen = config.server.listen[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)  # noqa: S104
+    sender = args.sender or f"smtpgate-send@{config.server.hostname}"
+    content = sample_message(config, sender, ", ".join(args.to), args.route or "by rules")
+    if args.route:
+        content = f"X-Smtpgate-Route: {args.route}\r\n".encode() + content
+    try:
+        with smtplib.SMTP(host, listen.port, timeout=30) as client:
+            client.ehlo(config.server.hostname)
+            client.mail(sender)
+            for recipient in args.to:
+                code, reply = client.rcpt(recipient)
+                if code >= 300:
+                    print(f"smtpgate: {recipient} refused: {code} {reply.decode()}",
+                          file=sys.stderr)
+                    return EXIT_FAILURE
+            code, reply = client.data(content)
+    except (OSError, smtplib.SMTPException) as error:
+        print(f"smtpgate: cannot hand the message to the gateway at {listen}: {error}",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    text = reply.decode(errors="replace")
+    if code != 250:
+        print(f"smtpgate: the gateway refused the message: {code} {text}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{code} {text}")
     return EXIT_OK
 
 

@@ -26,8 +26,13 @@ class Router:
     def __init__(self, config: Config) -> None:
         self._rules = list(config.rules)
         self._default = config.server.default_route
+        self._routes = frozenset(config.routes)
 
     def route(self, envelope: Envelope, recipient: str) -> str:
+        """An X-Smtpgate-Route header naming a route picks it (only trusted clients can
+        send at all); else the first matching rule; else the default route."""
+        if envelope.route_header in self._routes:
+            return envelope.route_header
         for rule in self._rules:
             if _matches(rule, envelope, recipient):
                 return rule.route

@@ -126,25 +126,31 @@ def test_client_network_matches_ipv4_mapped_address() -> None:
 @pytest.mark.parametrize(
     ("header", "route"),
     [
-        ("bulk", "bulk"),
-        ("BULK", "bulk"),
+        ("mass", "bulk"),
+        ("MASS", "bulk"),
         ("newsletter-2024", "bulk"),
-        ("corp", "fallback"),
+        ("other", "fallback"),
         (None, "fallback"),  # the message had no X-Smtpgate-Route
     ],
 )
 def test_route_header(header: str | None, route: str) -> None:
-    r = router({"route": "bulk", "header": ["bulk", "newsletter-*"]})
+    r = router({"route": "bulk", "header": ["mass", "newsletter-*"]})
     assert r.route(envelope(header=header), "bob@example.org") == route
+
+
+def test_route_header_naming_a_route_picks_it_before_any_rule() -> None:
+    r = router({"route": "bulk", "recipient_domain": "example.org"})
+    assert r.route(envelope(header="corp"), "bob@example.org") == "corp"
+    assert r.route(envelope(header="no-such-route"), "bob@example.org") == "bulk"
 
 
 @pytest.mark.parametrize(
     ("sender", "recipient", "client", "header", "route"),
     [
-        ("news@example.com", "bob@example.org", "10.0.0.9", "bulk", "bulk"),
-        ("ann@example.com", "bob@example.org", "10.0.0.9", "bulk", "fallback"),  # sender
-        ("news@example.com", "bob@example.net", "10.0.0.9", "bulk", "fallback"),  # domain
-        ("news@example.com", "bob@example.org", "127.0.0.1", "bulk", "fallback"),  # client
+        ("news@example.com", "bob@example.org", "10.0.0.9", "mass", "bulk"),
+        ("ann@example.com", "bob@example.org", "10.0.0.9", "mass", "fallback"),  # sender
+        ("news@example.com", "bob@example.net", "10.0.0.9", "mass", "fallback"),  # domain
+        ("news@example.com", "bob@example.org", "127.0.0.1", "mass", "fallback"),  # client
         ("news@example.com", "bob@example.org", "10.0.0.9", None, "fallback"),  # header
     ],
 )
@@ -157,7 +163,7 @@ def test_every_condition_of_a_rule_must_hold(
             "sender": "news@*",
             "recipient_domain": "example.org",
             "client": "10.0.0.0/8",
-            "header": "bulk",
+            "header": "mass",
         }
     )
     assert r.route(envelope(sender=sender, client=client, header=header), recipient) == route

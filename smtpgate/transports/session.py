@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import aiosmtplib
@@ -33,10 +33,12 @@ class SessionError(Exception):
     """The session could not be set up or went away; `outcome` applies to every recipient
     still waiting. `auth_failed` marks a rejected password, a setting to fix."""
 
-    def __init__(self, outcome: Outcome, *, auth_failed: bool = False) -> None:
+    def __init__(self, outcome: Outcome, *, auth_failed: bool = False,
+                 stage: str = "") -> None:
         super().__init__(outcome.reply)
         self.outcome = outcome
         self.auth_failed = auth_failed
+        self.stage = stage  # connect, tls or auth: where setting up the session failed
 
 
 class StaleConnection(Exception):
@@ -51,6 +53,15 @@ class TLSInfo:
     subject: str
     issuer: str
     not_after: dt.datetime | None
+
+    def __str__(self) -> str:
+        text = f"{self.version} {self.cipher}"
+        if self.subject:
+            text += f"; certificate {self.subject}, issued by {self.issuer}"
+        if self.not_after:
+            days = (self.not_after - dt.datetime.now(dt.UTC)).days
+            text += f", valid until {self.not_after:%Y-%m-%d} ({days} days)"
+        return text
 
 
 def tls_context(config: RelayConfig) -> ssl.SSLContext | None:
@@ -73,45 +84,57 @@ class UpstreamSession:
     @classmethod
     async def open(
         cls, config: RelayConfig, *, helo_name: str, context: ssl.SSLContext | None,
-        password: str | None,
+        password: str | None, progress: Callable[[str, str], None] | None = None,
     ) -> UpstreamSession:
+        """Connect, TLS, EHLO, AUTH as configured. `progress(stage, detail)` hears of each
+        stage that succeeded (for `smtpgate check`); a failure raises SessionError."""
         where = f"{config.host}:{config.effective_port}"
+        report = progress or (lambda stage, detail: None)
         client = aiosmtplib.SMTP(
             hostname=config.host, port=config.effective_port, timeout=config.timeout,
             local_hostname=helo_name, use_tls=config.tls == "ssl", start_tls=False,
             tls_context=context,
         )
+        stage = "connect"
         try:
-            await client.connect()
+            greeting = await client.connect()
+            report("connect", f"{where}: {format_reply(greeting.code, greeting.message)}")
             await client.ehlo()
             if config.tls == "starttls":
+                stage = "tls"
                 if not client.supports_extension("starttls"):
                     raise SessionError(Outcome.deferred(
                         f"{where} does not offer STARTTLS; not sending in plaintext"
                         " (tls = 'starttls')", Scope.SESSION))
                 await client.starttls(tls_context=context)
                 await client.ehlo()
+            session = cls(client, config)
+            if config.tls != "none":
+                report("tls", str(session.tls_info()))
             if config.username:
+                stage = "auth"
                 await _login(client, config.username, password or "", where)
-        except SessionError:
+                report("auth", f"as {config.username}")
+        except SessionError as error:
             client.close()
+            error.stage = stage
             raise
         except aiosmtplib.SMTPAuthenticationError as error:
             client.close()
             raise SessionError(Outcome.deferred(
                 f"{format_reply(error.code, error.message)} (AUTH as {config.username}"
                 f" refused by {where}: check the username and password)",
-                Scope.SESSION), auth_failed=True) from None
+                Scope.SESSION), auth_failed=True, stage=stage) from None
         except aiosmtplib.SMTPResponseException as error:
             client.close()
             raise SessionError(Outcome.from_reply(
-                error.code, error.message, Scope.SESSION)) from None
+                error.code, error.message, Scope.SESSION), stage=stage) from None
         except (OSError, aiosmtplib.SMTPException) as error:
             client.close()
             raise SessionError(Outcome.deferred(
-                f"cannot talk to {where}: {explain_connect_error(error)}", Scope.SESSION)
-            ) from None
-        return cls(client, config)
+                f"cannot talk to {where}: {explain_connect_error(error)}", Scope.SESSION),
+                stage="tls" if _is_tls_error(error) else stage) from None
+        return session
 
     @property
     def is_connected(self) -> bool:
@@ -369,6 +392,13 @@ async def _login(client: aiosmtplib.SMTP, username: str, password: str, where: s
     else:
         raise SessionError(Outcome.deferred(
             f"{where} does not offer AUTH, but a username is configured", Scope.SESSION))
+
+
+def _is_tls_error(error: BaseException) -> bool:
+    root: BaseException = error
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return isinstance(root, ssl.SSLError)
 
 
 def _too_many_recipients(code: int, text: str) -> bool:
