@@ -283,6 +283,7 @@ class DeliveryConfig(_Section):
 class RouteConfig(_Section):
     mode: Literal["relay", "direct"]
     relay: str | None = None
+    passthrough: bool = False  # relay only: the client gets the upstream's own replies
     retry_schedule: list[Duration] | None = Field(default=None, min_length=1)
     give_up_after: Duration | None = None
 
@@ -292,6 +293,8 @@ class RouteConfig(_Section):
             raise ValueError("a route with mode = 'relay' needs relay = 'NAME' of a [relays.NAME]")
         if self.mode != "relay" and self.relay:
             raise ValueError(f"relay is only allowed with mode = 'relay', not {self.mode!r}")
+        if self.mode != "relay" and self.passthrough:
+            raise ValueError("passthrough = true needs mode = 'relay'")
         return self
 
 

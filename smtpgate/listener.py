@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, AnyStr
 
@@ -17,6 +18,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from smtpgate import logs
 from smtpgate.config import Config
 from smtpgate.headers import split_controls
+from smtpgate.passthrough import LiveTransaction, Passthrough
 from smtpgate.policy import RelayPolicy
 from smtpgate.router import Envelope as RouteEnvelope
 from smtpgate.router import Router
@@ -41,13 +43,17 @@ class Handler:
 
     def __init__(
         self, config: Config, spool: Spool, router: Router, policy: RelayPolicy,
-        on_stored: Callable[[], None],
+        on_stored: Callable[[], None], passthrough: Passthrough | None = None,
     ) -> None:
         self._config = config
         self._spool = spool
         self._router = router
         self._policy = policy
         self._on_stored = on_stored
+        self._passthrough = passthrough
+        self._live: weakref.WeakKeyDictionary[Session, LiveTransaction] = (
+            weakref.WeakKeyDictionary())
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
@@ -62,6 +68,7 @@ class Handler:
     ) -> str:
         envelope.mail_from = address  # "<>" for the null sender: aiosmtpd needs it truthy
         envelope.mail_options.extend(mail_options)
+        await self._end_live(session)  # a transaction abandoned by RSET or EHLO
         return "250 2.1.0 Sender OK"
 
     async def handle_RCPT(
@@ -75,21 +82,69 @@ class Handler:
         if len(envelope.rcpt_tos) >= self._config.server.max_recipients:
             # RFC 5321 4.5.3.1.10: 452, and the client sends the rest in another transaction
             return "452 4.5.3 Too many recipients"
+        if self._passthrough is not None:
+            route = self._router.route(
+                RouteEnvelope(_sender(envelope), client_ip, None), address)
+            if self._passthrough.handles(route):
+                accepted, reply = await self._live_recipient(
+                    self._passthrough, session, envelope, route, address)
+                if not accepted:
+                    return reply
+                envelope.rcpt_tos.append(address)
+                envelope.rcpt_options.extend(rcpt_options)
+                return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
 
+    async def _live_recipient(self, passthrough: Passthrough, session: Session,
+                              envelope: Envelope, route: str, address: str
+                              ) -> tuple[bool, str]:
+        """RCPT for a passthrough route: the upstream's own reply goes to the client."""
+        live = self._live.get(session)
+        if live is None:
+            live, refusal = await passthrough.start(
+                route, _sender(envelope), smtputf8=envelope.smtp_utf8,
+                eight_bit="BODY=8BITMIME" in envelope.mail_options)
+            self._live[session] = live
+            if refusal is not None:
+                return False, refusal
+        elif live.route != route:
+            return False, ("452 4.5.3 Recipients of another passthrough route go in a new"
+                           " transaction")
+        return await passthrough.recipient(live, address, smtputf8=envelope.smtp_utf8)
+
+    async def _end_live(self, session: Session) -> None:
+        live = self._live.pop(session, None)
+        if live is not None and self._passthrough is not None:
+            await self._passthrough.close(live)
+
+    def session_ended(self, session: Session) -> None:
+        """The client went away: close any upstream transaction opened for it."""
+        live = self._live.pop(session, None)
+        if live is not None and self._passthrough is not None:
+            task = asyncio.get_running_loop().create_task(self._passthrough.close(live))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content, controls = split_controls(envelope.original_content or b"")
-        sender = "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
+        sender = _sender(envelope)
         client_ip = _peer_ip(session)
         route_envelope = RouteEnvelope(sender, client_ip, controls.get("route"))
+        live = self._live.pop(session, None)
+        proxied = list(live.addresses) if live else []
+        recipients = []
+        for address in envelope.rcpt_tos:
+            if live is not None and address in proxied:
+                proxied.remove(address)  # the same address may be given twice
+                recipients.append(NewRecipient(address, live.route, leased=True))
+            else:
+                recipients.append(
+                    NewRecipient(address, self._router.route(route_envelope, address)))
         message = NewMessage(
             sender=sender,
-            recipients=[
-                NewRecipient(address, self._router.route(route_envelope, address))
-                for address in envelope.rcpt_tos
-            ],
+            recipients=recipients,
             content=content,
             client_address=client_ip or "",
             helo=session.host_name or "",
@@ -101,16 +156,27 @@ class Handler:
         except Exception:
             log.exception("spool write failed; message refused with 451", client=client_ip,
                           sender=sender)
+            if live is not None and self._passthrough is not None:
+                await self._passthrough.close(live)
             return TEMPORARY_FAILURE
         log.info("accepted", queue_id=queue_id, sender=sender, client=client_ip,
                  size=len(content), recipients=len(message.recipients),
                  routes=sorted({r.route for r in message.recipients}))
+        reply = None
+        if live is not None and self._passthrough is not None:
+            alone = all(r.leased for r in recipients)
+            reply = await self._passthrough.finish(live, self._spool, queue_id, content,
+                                                   alone=alone)
         self._on_stored()
-        return f"250 2.0.0 Ok: queued as {queue_id}"
+        return reply or f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("unexpected error in an SMTP session", exc_info=error)
         return TEMPORARY_FAILURE
+
+
+def _sender(envelope: Envelope) -> str:
+    return "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
 
 
 def _peer_ip(session: Session) -> str | None:
@@ -148,6 +214,8 @@ class GatewaySMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self.session is not None and isinstance(self.event_handler, Handler):
+            self.event_handler.session_ended(self.session)
         super().connection_lost(error)
         if self._counted:
             self._counted = False

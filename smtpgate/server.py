@@ -16,6 +16,7 @@ from smtpgate import logs
 from smtpgate.config import Config
 from smtpgate.delivery.retry import RetryPolicy
 from smtpgate.listener import Connections, Handler, protocol_factory
+from smtpgate.passthrough import Passthrough
 from smtpgate.policy import RelayPolicy, refuse_open_relay
 from smtpgate.router import Router
 from smtpgate.scheduler import Scheduler
@@ -87,8 +88,13 @@ class Server:
             scheduler = Scheduler(spool, transports, retry, waiting)
             # 4. The accepting side.
             connections = Connections(config.server.max_connections)
+            live_routes = {
+                name: transport for name, transport in transports.items()
+                if config.routes[name].passthrough and isinstance(transport, RelayTransport)}
+            passthrough = Passthrough(live_routes) if live_routes else None
             handler = Handler(config, spool, Router(config), RelayPolicy(
-                config.server.trusted_networks), on_stored=scheduler.wake)
+                config.server.trusted_networks), on_stored=scheduler.wake,
+                passthrough=passthrough)
             factory = protocol_factory(config, handler, connections)
             loop = asyncio.get_running_loop()
             for address in config.server.listen:

@@ -42,6 +42,7 @@ def new_queue_id(now: float | None = None) -> str:
 class NewRecipient:
     address: str
     route: str
+    leased: bool = False  # stored as `sending`: a passthrough session delivers it now
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,9 +128,9 @@ class SqliteSpool(Spool):
                 raise RuntimeError(f"no free queue id after {ID_ATTEMPTS} attempts")
             db.executemany(
                 "INSERT INTO recipients (queue_id, address, route, state, next_attempt,"
-                " updated_at) VALUES (?, ?, ?, 'queued', ?, ?)",
-                [(queue_id, r.address, r.route, message.received_at, message.received_at)
-                 for r in message.recipients],
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(queue_id, r.address, r.route, "sending" if r.leased else "queued",
+                  message.received_at, message.received_at) for r in message.recipients],
             )
             return queue_id
 

@@ -69,6 +69,16 @@ class RelayTransport:
             self._forget_idle(session)
             await session.quit()
 
+    async def dedicated_session(self) -> UpstreamSession:
+        """A connection of its own for a passthrough transaction, counted in the rate.
+        Raises SessionError when it cannot be set up."""
+        at = await self._rate.acquire()
+        if self._config.rate:
+            await self._ledger.log_send(self.name, at)
+        return await UpstreamSession.open(
+            self._config, helo_name=self._helo_name, context=self._context,
+            password=self._password)
+
     async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
         started = time.monotonic()
         bound = self._log.bind(queue_id=delivery.queue_id)

@@ -337,6 +337,45 @@ class UpstreamSession:
         except (OSError, aiosmtplib.SMTPException):
             self.close()
 
+    # --- one live transaction, step by step (passthrough) ----------------------------
+
+    async def begin(self, sender: str, *, smtputf8: bool, eight_bit: bool) -> Reply:
+        """MAIL FROM for a transaction whose content is not known yet."""
+        options = (["BODY=8BITMIME"] if eight_bit and self._client.supports_extension(
+            "8bitmime") else []) + (["SMTPUTF8"] if smtputf8 else [])
+        encoding = "utf-8" if smtputf8 else "ascii"
+        try:
+            response = await self._client.mail(sender, options=options, encoding=encoding)
+        except aiosmtplib.SMTPResponseException as error:
+            self._lost_unless_connected(error, "MAIL FROM")
+            return Reply(error.code, error.message)
+        except (OSError, aiosmtplib.SMTPException) as error:
+            raise self._lost(error, "MAIL FROM") from None
+        return Reply(response.code, response.message)
+
+    async def add(self, address: str, *, smtputf8: bool) -> Reply:
+        try:
+            response = await self._client.rcpt(
+                address, encoding="utf-8" if smtputf8 else "ascii")
+        except aiosmtplib.SMTPResponseException as error:
+            self._lost_unless_connected(error, "RCPT TO")
+            return Reply(error.code, error.message)
+        except (OSError, aiosmtplib.SMTPException) as error:
+            raise self._lost(error, "RCPT TO") from None
+        return Reply(response.code, response.message)
+
+    async def finish(self, content: bytes) -> Outcome:
+        try:
+            response = await self._client.data(content, timeout=self._config.data_timeout)
+        except aiosmtplib.SMTPResponseException as error:
+            if not self.is_connected:
+                self.close()
+            return Outcome.from_reply(error.code, error.message, Scope.MESSAGE)
+        except (OSError, aiosmtplib.SMTPException) as error:
+            return self._lost(error, "DATA", unknown=True).outcome
+        self.transactions += 1
+        return Outcome.from_reply(response.code, response.message, Scope.MESSAGE)
+
     # --- helpers --------------------------------------------------------------------
 
     def _encoding(self, delivery: Delivery) -> str:
