@@ -75,6 +75,7 @@ class UpstreamHandler:
     max_rcpts: int = 0  # answer "452 4.5.3" past this many recipients in a transaction
     drop_at_mail: int = 0  # drop the connection at the Nth MAIL FROM over all connections
     users: dict[str, str] = field(default_factory=dict)  # AUTH required when not empty
+    auth_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")  # offered when users are set
     connections: int = 0
     connected_at: list[float] = field(default_factory=list)
     open_connections: int = 0
@@ -154,7 +155,8 @@ class UpstreamSMTP(SMTP):
             require_starttls=tls_context is not None,
             auth_require_tls=not implicit_tls,  # aiosmtpd cannot see the implicit TLS
             auth_required=bool(handler.users), authenticator=handler.authenticate,
-            auth_exclude_mechanism=["CRAM-MD5"] if handler.users else None,
+            auth_exclude_mechanism=[m for m in ("CRAM-MD5", "LOGIN", "PLAIN")
+                                    if m not in handler.auth_mechanisms],
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -400,6 +402,7 @@ class Certificates:
     server_context: ssl.SSLContext
     ca_file: Path
     untrusted_context: ssl.SSLContext  # signed by a CA the gateway does not know
+    misnamed_context: ssl.SSLContext  # the trusted CA, but for another host name
 
 
 @pytest.fixture(scope="session")
@@ -411,7 +414,9 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     ca.cert_pem.write_to_path(str(ca_file))
     stranger = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("127.0.0.1").configure_cert(stranger)
-    return Certificates(server, ca_file, stranger)
+    misnamed = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mail.example.net").configure_cert(misnamed)
+    return Certificates(server, ca_file, stranger, misnamed)
 
 
 # --- smtpgate as a user runs it ---------------------------------------------------------

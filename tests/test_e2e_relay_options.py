@@ -122,6 +122,64 @@ def test_untrusted_certificate_defers_and_names_ca_file(
     assert upstream.messages == []
 
 
+def test_certificate_for_another_name_defers_and_says_so(
+    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+) -> None:
+    upstream = upstreams.start(starttls=certificates.misnamed_context)
+    gateway = through(gateway_factory, upstream, f"""
+        tls = "starttls"
+        ca_file = "{certificates.ca_file}"
+    """, retry='["1h"]')
+
+    submit(gateway, 1)
+
+    recipient = gateway.wait_for_state("r0-0@example.com", "deferred")
+    assert "TLS certificate is for another name" in recipient["last_reply"]
+    assert "Set host to a name the certificate is for" in recipient["last_reply"]
+
+
+def test_auth_login_when_the_server_offers_only_login(
+    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+) -> None:
+    upstream = upstreams.start(starttls=certificates.server_context, users={"me": "pw"},
+                               auth_mechanisms=("LOGIN",))
+    gateway = through(gateway_factory, upstream, f"""
+        tls = "starttls"
+        ca_file = "{certificates.ca_file}"
+        username = "me"
+        password = "pw"
+    """)
+    submit(gateway, 1)
+    all_delivered(gateway, 1)
+    assert any(b"AUTH LOGIN" in read for read in upstream.handler.reads)
+
+
+def test_inline_password_works_but_config_check_warns_and_masks(
+    gateway_factory: GatewayFactory, upstreams: Upstreams,
+) -> None:
+    gateway = gateway_factory(relay_config(1, relay="""
+        tls = "starttls"
+        username = "me"
+        password = "hunter2"
+    """), start=False)
+    result = gateway.cli("config", "check")
+    assert "warning: relays.upstream.password is written in the config file" in result.stderr
+    assert "hunter2" not in result.stdout
+    assert 'password = "********"' in result.stdout
+
+
+def test_auth_over_plaintext_needs_an_explicit_yes(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory(relay_config(1, relay="""
+        tls = "none"
+        username = "me"
+        password_env = "PW"
+    """), start=False)
+    result = gateway.cli("config", "check", check=False)
+    assert result.returncode == 2
+    assert "would send the password in the clear" in result.stderr
+    assert "allow_plaintext_auth = true" in result.stderr
+
+
 def test_verify_false_accepts_any_certificate(
     gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
 ) -> None:

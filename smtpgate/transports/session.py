@@ -449,6 +449,10 @@ def explain_connect_error(error: BaseException) -> str:
     root: BaseException = error
     while root.__cause__ is not None:
         root = root.__cause__
+    if isinstance(root, ssl.SSLCertVerificationError) and "mismatch" in str(
+            root.verify_message):
+        return (f"TLS certificate is for another name: {root.verify_message} Set host to a"
+                " name the certificate is for")
     if isinstance(root, ssl.SSLCertVerificationError):
         return (f"TLS certificate not trusted: {root.verify_message or root.reason}."
                 " If the server uses a private or self-signed certificate, set ca_file to"
