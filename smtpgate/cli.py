@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import sqlite3
 import sys
 from collections import Counter
 from collections.abc import Sequence
@@ -36,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = args.run(config, args)
     except SpoolLockedError as error:
         print(f"smtpgate: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, sqlite3.Error) as error:  # a state dir that cannot be made, a bad spool
+        print(f"smtpgate: spool {config.spool_path()}: {error}", file=sys.stderr)
         return EXIT_FAILURE
     except ConfigError as error:
         print(f"smtpgate: config error: {error}", file=sys.stderr)
@@ -320,11 +324,11 @@ def _queue_retry(config: Config, args: argparse.Namespace) -> int:
             await spool.close()
 
     count = asyncio.run(retry())
-    if count < 0:
+    if count < 0 or (args.queue_id and not config.spool_path().exists()):
         print(f"smtpgate: no message {args.queue_id!r} in the queue", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"{count} deferred recipients are due now; a running server sends them within"
-          " a second")
+    print(f"{count} deferred recipients are due now; a running `smtpgate serve` on this"
+          " spool sends them within a second")
     return EXIT_OK
 
 

@@ -151,10 +151,10 @@ class ServerConfig(_Section):
     )
     hostname: str = Field(default_factory=socket.gethostname, min_length=1)
     state_dir: Path | None = None
-    max_message_size: Size = 25 * 1024**2
+    max_message_size: Annotated[Size, Field(gt=0)] = 25 * 1024**2
     max_recipients: int = Field(default=1000, ge=1)
     max_connections: int = Field(default=100, ge=1)
-    idle_timeout: Duration = 300.0  # RFC 5321 4.5.3.2.7: at least 5 minutes
+    idle_timeout: Annotated[Duration, Field(gt=0)] = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
     trusted_networks: NetworkList = Field(
         default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"),
                                  ipaddress.ip_network("::1/128")]

@@ -66,6 +66,8 @@ class Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:
+        if refusal := address_refusal(address, envelope.smtp_utf8, "5.1.7"):
+            return refusal
         envelope.mail_from = address  # "<>" for the null sender: aiosmtpd needs it truthy
         envelope.mail_options.extend(mail_options)
         await self._end_live(session)  # a transaction abandoned by RSET or EHLO
@@ -75,6 +77,8 @@ class Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
+        if refusal := address_refusal(address, envelope.smtp_utf8, "5.1.3"):
+            return refusal
         client_ip = _peer_ip(session)
         if not self._policy.may_relay(client_ip):
             log.warning("relay denied", client=client_ip, recipient=address)
@@ -175,6 +179,19 @@ class Handler:
         return TEMPORARY_FAILURE
 
 
+def address_refusal(address: str, smtputf8: bool, enhanced: str) -> str | None:
+    """aiosmtpd decodes addresses as UTF-8 with surrogateescape whatever the client said;
+    refuse here what could not be stored or sent on, rather than fail later."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"501 {enhanced} Bad address syntax: not valid UTF-8"
+    if not smtputf8 and not address.isascii():
+        # RFC 6531 3.4: non-ASCII addresses need the SMTPUTF8 parameter on MAIL FROM.
+        return "553 5.6.7 Non-ASCII address without SMTPUTF8"
+    return None
+
+
 def _sender(envelope: Envelope) -> str:
     return "" if envelope.mail_from in (None, "<>") else str(envelope.mail_from)
 
@@ -198,20 +215,20 @@ class Connections:
 
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes on its own replies, a 421 on idle
-    timeout instead of a silent close, and a count of open sessions."""
+    timeout instead of a silent close, the idle timer running from the last byte, and a
+    count of open sessions."""
 
     def __init__(self, handler: Handler, connections: Connections, **options: Any) -> None:
         super().__init__(handler, **options)
-        self._connections = connections
+        self._connections = connections  # the factory counted this session in
         self._in_greeting = False
-        self._counted = False
+        self._counted = True
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._counted:  # STARTTLS calls this again on the same session
-            self._counted = True
-            self._connections.open += 1
-            self._connections.idle.clear()
-        super().connection_made(transport)
+    def data_received(self, data: bytes) -> None:
+        # aiosmtpd restarts the idle timer on commands only: a slow but steady upload
+        # must not be cut off in the middle of DATA.
+        self._reset_timeout()
+        super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
         if self.session is not None and isinstance(self.event_handler, Handler):
@@ -277,9 +294,13 @@ def protocol_factory(
     server = config.server
 
     def build() -> asyncio.BaseProtocol:
+        # Counted here, not in connection_made: asyncio builds every protocol of a burst
+        # of accepts before it calls any connection_made.
         if connections.open >= connections.limit:
             log.warning("connection refused: too many connections", limit=connections.limit)
             return _Refuse()
+        connections.open += 1
+        connections.idle.clear()
         return GatewaySMTP(
             handler,
             connections,

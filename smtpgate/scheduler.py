@@ -1,9 +1,10 @@
 """Scheduler: takes due recipients from the spool and hands them to their route's transport.
 
-Between the spool and the transports. It leases work (state `sending`), lets each
-transport run at most `concurrency` deliveries at once, and writes every recipient's
+Between the spool and the transports. It leases work (state `sending`), keeps about two
+messages in hand per connection a transport may hold, and writes every recipient's
 result back through the route's RetryPolicy. Work leased by a process that died is
-released at the next start (`Spool.release_leases`).
+released at the next start (`Spool.release_leases`). A spool error never stops it: it
+logs, waits, and tries again, and a result it could not write is kept until it can.
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from smtpgate import logs
 from smtpgate.delivery.outcome import Outcome, Scope
 from smtpgate.delivery.retry import RetryPolicy
-from smtpgate.spool.base import Delivery, Spool
+from smtpgate.spool.base import Delivery, RecipientState, RecipientUpdate, Spool
 from smtpgate.transports.base import Transport
 
 log = logs.get(__name__)
 
 POLL_SECONDS = 1.0  # also how soon `smtpgate queue retry` from another process takes effect
-MAX_IN_FLIGHT = 64  # deliveries leased at once, over all routes
-LEASE_RECIPIENTS = 100  # recipients leased per free delivery slot
+MESSAGES_PER_CONNECTION = 2  # leased ahead per connection: the next one is ready at once
+SPOOL_RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits after a spool error; the last repeats
 
 
 class Scheduler:
@@ -34,13 +35,16 @@ class Scheduler:
         retry_policies: Mapping[str, RetryPolicy],
         waiting: Mapping[str, str],
     ) -> None:
-        """`transports` and `retry_policies` by route name; `waiting` names the routes that
-        cannot send in this version, with the reason `smtpgate queue` shows."""
+        """`transports` and `retry_policies` by route name (routes may share a transport);
+        `waiting` names the routes that cannot send, with the reason `smtpgate queue` shows."""
         self._spool = spool
         self._transports = dict(transports)
         self._retry = dict(retry_policies)
         self._waiting = dict(waiting)
-        self._slots = {name: asyncio.Semaphore(t.concurrency) for name, t in transports.items()}
+        shared = {id(t): asyncio.Semaphore(t.concurrency) for t in transports.values()}
+        self._slots = {name: shared[id(t)] for name, t in transports.items()}
+        self._capacity = MESSAGES_PER_CONNECTION * sum(
+            {id(t): t.concurrency for t in transports.values()}.values())
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -50,36 +54,50 @@ class Scheduler:
         self._wake.set()
 
     async def run(self) -> None:
-        routes = sorted(self._transports)
         for route, reason in self._waiting.items():
-            log.warning("route cannot send yet; its mail stays queued", route=route,
-                        reason=reason)
+            log.warning("route cannot send; its mail stays queued", route=route, reason=reason)
+        errors = 0
         while not self._stopping:
             self._wake.clear()
-            for route, reason in self._waiting.items():
-                await self._spool.note_waiting(route, reason)
-            free = MAX_IN_FLIGHT - len(self._in_flight)
-            if free > 0 and routes:
-                for delivery in await self._spool.lease_due(
-                    routes, time.time(), free * LEASE_RECIPIENTS
-                ):
-                    task = asyncio.create_task(self._deliver(delivery))
-                    self._in_flight.add(task)
-                    task.add_done_callback(self._finished)
+            try:
+                await self._lease_and_start()
+            except Exception:  # the spool is busy or failing: never give up on the queue
+                wait = SPOOL_RETRY_SECONDS[min(errors, len(SPOOL_RETRY_SECONDS) - 1)]
+                errors += 1
+                log.exception("cannot read due work from the spool; trying again",
+                              seconds=wait)
+                await asyncio.sleep(wait)
+                continue
+            errors = 0
             # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
             # that arrives as the event fires, and the scheduler would never stop.
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL_SECONDS):
                     await self._wake.wait()
 
+    async def _lease_and_start(self) -> None:
+        for route, reason in self._waiting.items():
+            await self._spool.note_waiting(route, reason)
+        free = self._capacity - len(self._in_flight)
+        if free <= 0 or not self._transports or self._stopping:
+            return
+        for delivery in await self._spool.lease_due(sorted(self._transports), time.time(),
+                                                    free):
+            task = asyncio.create_task(self._deliver(delivery))
+            self._in_flight.add(task)
+            task.add_done_callback(self._finished)
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("delivery task failed", exc_info=task.exception())
         self._wake.set()  # a slot is free
 
     async def drain(self, grace: float) -> None:
-        """Shutdown: let deliveries under way finish for up to `grace` s, then cancel them.
-        Cancelled ones stay `sending` and are released at the next start."""
-        self._stopping = True  # lease nothing more
+        """Shutdown: lease nothing more, let deliveries under way finish for up to `grace`
+        seconds, then cancel them. Cancelled ones stay `sending` and are released at the
+        next start (their outcome is unknown, so they are sent again)."""
+        self._stopping = True
         self._wake.set()
         if not self._in_flight:
             return
@@ -110,7 +128,25 @@ class Scheduler:
             )
             for r in delivery.recipients
         ]
-        await self._spool.record(updates, now)
+        await self._record(delivery, updates, now)
         for recipient, update in zip(delivery.recipients, updates, strict=True):
-            log.info("recipient " + update.state.value, queue_id=delivery.queue_id,
-                     route=delivery.route, recipient=recipient.address, reply=update.reply)
+            if update.state is RecipientState.FAILED and update.reply.startswith("gave up"):
+                log.warning("recipient failed: retry lifetime over", queue_id=delivery.queue_id,
+                            route=delivery.route, recipient=recipient.address,
+                            reply=update.reply)
+
+    async def _record(self, delivery: Delivery, updates: Sequence[RecipientUpdate],
+                      now: float) -> None:
+        """Write the results, retrying while the spool refuses: a delivered recipient
+        left `sending` would be sent again at the next start."""
+        for errors in range(len(SPOOL_RETRY_SECONDS) * 20):
+            try:
+                await self._spool.record(updates, now)
+                return
+            except Exception:
+                wait = SPOOL_RETRY_SECONDS[min(errors, len(SPOOL_RETRY_SECONDS) - 1)]
+                log.exception("cannot record delivery results; trying again",
+                              queue_id=delivery.queue_id, seconds=wait)
+                await asyncio.sleep(wait)
+        log.error("giving up recording delivery results; the recipients stay leased and"
+                  " are sent again after a restart", queue_id=delivery.queue_id)

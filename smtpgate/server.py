@@ -82,6 +82,9 @@ class Server:
                             count=released)
             # 3. The delivery side, built but not started until the listeners are bound.
             transports, waiting = self.build_transports(spool, passwords)
+            for route in await spool.pending_routes() - set(config.routes):
+                waiting[route] = (f"waiting: route {route!r} is no longer in the config;"
+                                  " add it back to send this mail")
             for transport in set(transports.values()):
                 await transport.start()
             retry = {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports}

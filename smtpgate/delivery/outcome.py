@@ -8,6 +8,7 @@ session (connection, greeting) never counts against the message or the recipient
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -76,14 +77,12 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
-_SLOW_DOWN_WORDS = ("too many", "rate", "slow down", "throttl", "limit", "try again later")
+_SLOW_DOWN = re.compile(
+    r"\b(too many|rate|slow down|throttl\w*|limit\w*|try again later)\b", re.IGNORECASE)
 
 
 def asks_to_slow_down(reply: str) -> bool:
     """421, or a 4.7.x reply about volume: the upstream wants fewer connections or messages."""
     if reply.startswith("421"):
         return True
-    if reply[:1] == "4" and reply[4:8] == "4.7.":
-        text = reply.lower()
-        return any(word in text for word in _SLOW_DOWN_WORDS)
-    return False
+    return reply[:1] == "4" and reply[4:8] == "4.7." and bool(_SLOW_DOWN.search(reply))

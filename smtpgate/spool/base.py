@@ -133,8 +133,8 @@ class Spool(abc.ABC):
     async def lease_due(
         self, routes: Sequence[str], now: float, limit: int
     ) -> list[Delivery]:
-        """Move up to `limit` due recipients of these routes to `sending`, grouped per message
-        and route, oldest due first."""
+        """Move the due recipients of up to `limit` messages (oldest due first) on these
+        routes to `sending`, grouped per message and route."""
 
     @abc.abstractmethod
     async def record(self, updates: Sequence[RecipientUpdate], now: float) -> None:
@@ -147,6 +147,10 @@ class Spool(abc.ABC):
     @abc.abstractmethod
     async def note_waiting(self, route: str, reason: str) -> int:
         """Explain in last_reply why queued recipients of a route are not being sent."""
+
+    @abc.abstractmethod
+    async def pending_routes(self) -> set[str]:
+        """Routes that have recipients still to send."""
 
     @abc.abstractmethod
     async def retry_now(self, queue_id: str | None, now: float) -> int:

@@ -33,6 +33,7 @@ from smtpgate.spool.base import (
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
+Queued = tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop, bool]
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -75,6 +76,7 @@ CREATE TABLE IF NOT EXISTS relay_status (
 );
 """
 ID_ATTEMPTS = 8
+LEASE_WINDOW = 5000  # due recipients looked at to find the oldest-due messages
 MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
 
 
@@ -134,21 +136,24 @@ class SqliteSpool(Spool):
             )
             return queue_id
 
-        result: str = await self._writer.submit(insert)
-        return result
+        return await self._writer.submit(insert)
 
     async def lease_due(self, routes: Sequence[str], now: float, limit: int) -> list[Delivery]:
         if not routes or limit <= 0:
             return []
 
         def lease(db: sqlite3.Connection) -> list[Delivery]:
+            due = ("state IN ('queued', 'deferred') AND next_attempt <= ?"
+                   f" AND route IN ({_marks(routes)})")
+            # The oldest-due messages (looking at a bounded window of the due index),
+            # then every due recipient of those messages.
             rows = db.execute(
-                "UPDATE recipients SET state = 'sending', updated_at = ? WHERE id IN ("
-                " SELECT id FROM recipients WHERE state IN ('queued', 'deferred')"
-                f" AND next_attempt <= ? AND route IN ({_marks(routes)})"
-                " ORDER BY next_attempt LIMIT ?)"
+                f"UPDATE recipients SET state = 'sending', updated_at = ? WHERE {due}"
+                " AND queue_id IN (SELECT queue_id FROM (SELECT queue_id, next_attempt"
+                f" FROM recipients WHERE {due} ORDER BY next_attempt LIMIT ?)"
+                " GROUP BY queue_id ORDER BY min(next_attempt) LIMIT ?)"
                 " RETURNING next_attempt, id, queue_id, address, route, attempts",
-                (now, now, *routes, limit),
+                (now, now, *routes, now, *routes, LEASE_WINDOW, limit),
             ).fetchall()
             grouped: dict[tuple[str, str], list[LeasedRecipient]] = {}
             for _, rid, queue_id, address, route, attempts in sorted(rows):
@@ -161,8 +166,7 @@ class SqliteSpool(Spool):
                 for (queue_id, route), recipients in grouped.items()
             ]
 
-        result: list[Delivery] = await self._writer.submit(lease)
-        return result
+        return await self._writer.submit(lease)
 
     async def record(self, updates: Sequence[RecipientUpdate], now: float) -> None:
         def write(db: sqlite3.Connection) -> None:
@@ -184,8 +188,7 @@ class SqliteSpool(Spool):
                 (now, now),
             ).rowcount
 
-        result: int = await self._writer.submit(release)
-        return result
+        return await self._writer.submit(release)
 
     async def note_waiting(self, route: str, reason: str) -> int:
         def note(db: sqlite3.Connection) -> int:
@@ -195,8 +198,14 @@ class SqliteSpool(Spool):
                 (reason, route),
             ).rowcount
 
-        result: int = await self._writer.submit(note)
-        return result
+        return await self._writer.submit(note)
+
+    async def pending_routes(self) -> set[str]:
+        def read(db: sqlite3.Connection) -> set[str]:
+            return {route for (route,) in db.execute(
+                "SELECT DISTINCT route FROM recipients WHERE state IN ('queued', 'deferred')")}
+
+        return await self._writer.submit(read, reads_only=True)
 
     async def retry_now(self, queue_id: str | None, now: float) -> int:
         def retry(db: sqlite3.Connection) -> int:
@@ -206,8 +215,7 @@ class SqliteSpool(Spool):
                 return db.execute(sql, (now, now)).rowcount
             return db.execute(sql + " AND queue_id = ?", (now, now, queue_id)).rowcount
 
-        result: int = await self._writer.submit(retry)
-        return result
+        return await self._writer.submit(retry)
 
     async def log_send(self, relay: str, at: float) -> None:
         def insert(db: sqlite3.Connection) -> None:
@@ -221,8 +229,7 @@ class SqliteSpool(Spool):
             return [at for (at,) in db.execute(
                 "SELECT at FROM relay_sends WHERE relay = ? ORDER BY at", (relay,))]
 
-        result: list[float] = await self._writer.submit(read)
-        return result
+        return await self._writer.submit(read)
 
     async def set_relay_status(self, relay: str, status: str | None, now: float) -> None:
         def write(db: sqlite3.Connection) -> None:
@@ -239,8 +246,7 @@ class SqliteSpool(Spool):
             return {relay: (status, at) for relay, status, at in
                     db.execute("SELECT relay, status, updated_at FROM relay_status")}
 
-        result: dict[str, tuple[str, float]] = await self._writer.submit(read)
-        return result
+        return await self._writer.submit(read, reads_only=True)
 
     # --- reads ----------------------------------------------------------------------
 
@@ -253,8 +259,7 @@ class SqliteSpool(Spool):
             ).fetchall()
             return _with_recipients(db, rows)
 
-        result: list[MessageView] = await self._writer.submit(read)
-        return result
+        return await self._writer.submit(read, reads_only=True)
 
     async def message(self, queue_id: str) -> MessageView | None:
         def read(db: sqlite3.Connection) -> MessageView | None:
@@ -266,8 +271,7 @@ class SqliteSpool(Spool):
             views = _with_recipients(db, rows)
             return views[0] if views else None
 
-        result: MessageView | None = await self._writer.submit(read)
-        return result
+        return await self._writer.submit(read, reads_only=True)
 
     async def content(self, queue_id: str) -> bytes | None:
         def read(db: sqlite3.Connection) -> bytes | None:
@@ -276,8 +280,7 @@ class SqliteSpool(Spool):
             ).fetchone()
             return None if row is None else bytes(row[0])
 
-        result: bytes | None = await self._writer.submit(read)
-        return result
+        return await self._writer.submit(read, reads_only=True)
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -302,21 +305,23 @@ def _fetch_messages(
 
 
 def _with_recipients(db: sqlite3.Connection, rows: list[Any]) -> list[MessageView]:
-    views = []
-    for queue_id, sender, size, received_at, client_address, helo in rows:
-        recipients = tuple(
-            RecipientView(rid, address, route, RecipientState(state), attempts,
-                          next_attempt, last_reply, updated_at)
-            for rid, address, route, state, attempts, next_attempt, last_reply, updated_at
-            in db.execute(
-                "SELECT id, address, route, state, attempts, next_attempt, last_reply,"
-                " updated_at FROM recipients WHERE queue_id = ? ORDER BY id",
-                (queue_id,),
-            )
-        )
-        views.append(MessageView(queue_id, sender, size, received_at, client_address, helo,
-                                 recipients))
-    return views
+    """Messages with their recipients: one query per 500 messages, not one per message."""
+    recipients: dict[str, list[RecipientView]] = {row[0]: [] for row in rows}
+    ids = list(recipients)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        for queue_id, rid, address, route, state, attempts, next_attempt, reply, updated in (
+            db.execute(
+                "SELECT queue_id, id, address, route, state, attempts, next_attempt,"
+                " last_reply, updated_at FROM recipients"
+                f" WHERE queue_id IN ({_marks(chunk)}) ORDER BY id", chunk)
+        ):
+            recipients[queue_id].append(RecipientView(
+                rid, address, route, RecipientState(state), attempts, next_attempt, reply,
+                updated))
+    return [MessageView(queue_id, sender, size, received_at, client_address, helo,
+                        tuple(recipients[queue_id]))
+            for queue_id, sender, size, received_at, client_address, helo in rows]
 
 
 def _take_lock(path: Path) -> int:
@@ -341,9 +346,7 @@ class _Writer:
 
     def __init__(self, path: Path) -> None:
         self._path = path
-        self._queue: queue.SimpleQueue[
-            tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop] | None
-        ] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
@@ -359,12 +362,15 @@ class _Writer:
             self._queue.put(None)
             self._thread.join()
 
-    def submit(self, operation: Operation) -> asyncio.Future[Any]:
+    def submit(self, operation: Callable[[sqlite3.Connection], T], *,
+               reads_only: bool = False) -> asyncio.Future[T]:
+        """Run `operation` in the next transaction. A batch of reads only begins a deferred
+        transaction, so `smtpgate queue` in another process never holds up a write."""
         if not self._thread.is_alive():
             raise RuntimeError("the spool is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._queue.put((operation, future, loop))
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((operation, future, loop, reads_only))
         return future
 
     def _connect(self) -> sqlite3.Connection:
@@ -380,7 +386,9 @@ class _Writer:
                 f"{self._path} has schema {version}, newer than this smtpgate knows"
                 f" ({SCHEMA_VERSION}); upgrade smtpgate"
             )
-        db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        if version < SCHEMA_VERSION:  # a reader of a current spool writes nothing here
+            db.executescript(
+                f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         return db
 
     def _run(self) -> None:
@@ -413,15 +421,12 @@ class _Writer:
                     self._run_batch(db, batch)
 
     @staticmethod
-    def _run_batch(
-        db: sqlite3.Connection,
-        batch: list[tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop]],
-    ) -> None:
+    def _run_batch(db: sqlite3.Connection, batch: list[Queued]) -> None:
         """One transaction, one savepoint per operation: a failing operation fails alone."""
         outcomes: list[tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, Any]] = []
         try:
-            db.execute("BEGIN IMMEDIATE")
-            for operation, future, loop in batch:
+            db.execute("BEGIN" if all(item[3] for item in batch) else "BEGIN IMMEDIATE")
+            for operation, future, loop, _ in batch:
                 db.execute("SAVEPOINT operation")
                 try:
                     result = operation(db)
@@ -436,7 +441,7 @@ class _Writer:
         except Exception as commit_error:  # the commit itself failed (disk full, I/O error)
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            outcomes = [(future, loop, None, commit_error) for _, future, loop in batch]
+            outcomes = [(future, loop, None, commit_error) for _, future, loop, _ in batch]
         for future, loop, result, error in outcomes:
             with contextlib.suppress(RuntimeError):  # that loop has closed
                 loop.call_soon_threadsafe(_settle, future, result, error)

@@ -42,11 +42,12 @@ class ReplyReader(asyncio.Protocol):
         self._lost: BaseException | None = None
 
     def data_received(self, data: bytes) -> None:
+        if self._lost is not None:  # nothing after a broken reply can be trusted
+            return
         self._buffer.extend(data)
-        if len(self._buffer) > MAX_REPLY_BYTES:
+        self._parse()
+        if len(self._buffer) > MAX_REPLY_BYTES:  # what is left is one unfinished reply
             self._lost = PipelineBroken("reply too long")
-        else:
-            self._parse()
         self._arrived.set()
 
     def connection_lost(self, exc: Exception | None) -> None:

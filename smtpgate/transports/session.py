@@ -99,7 +99,7 @@ class UpstreamSession:
         try:
             greeting = await client.connect()
             report("connect", f"{where}: {format_reply(greeting.code, greeting.message)}")
-            await client.ehlo()
+            await _greet(client)
             if config.tls == "starttls":
                 stage = "tls"
                 if not client.supports_extension("starttls"):
@@ -206,7 +206,8 @@ class UpstreamSession:
         client = self._client
         encoding = self._encoding(delivery)
         try:
-            await client.mail(delivery.sender, options=self._mail_options(delivery),
+            await client.mail(delivery.sender,
+                              options=self._mail_options(delivery, encoding),
                               encoding=encoding)
         except aiosmtplib.SMTPResponseException as error:
             self._lost_unless_connected(error, "MAIL FROM")
@@ -255,7 +256,7 @@ class UpstreamSession:
         Raises PipelineBroken when the server stalls or answers out of step before any
         message data was sent, so the caller may safely retry one command at a time."""
         encoding = self._encoding(delivery)
-        options = "".join(f" {o}" for o in self._mail_options(delivery))
+        options = "".join(f" {o}" for o in self._mail_options(delivery, encoding))
         commands = [f"MAIL FROM:<{delivery.sender}>{options}\r\n".encode(encoding)]
         commands += [f"RCPT TO:<{r.address}>\r\n".encode(encoding) for r in batch]
         commands.append(b"DATA\r\n")
@@ -379,20 +380,24 @@ class UpstreamSession:
     # --- helpers --------------------------------------------------------------------
 
     def _encoding(self, delivery: Delivery) -> str:
+        """utf-8 when the transaction uses SMTPUTF8 (RFC 6531), else ascii."""
         if not delivery.smtputf8:
             return "ascii"
-        if not self._client.supports_extension("smtputf8"):
-            # RFC 6531 3.4: an internationalized address cannot be downgraded.
-            raise SessionError(Outcome.failed(
-                "553 5.6.7 the upstream does not support SMTPUTF8, which the"
-                " internationalized addresses of this message need", Scope.MESSAGE))
-        return "utf-8"
+        if self._client.supports_extension("smtputf8"):
+            return "utf-8"
+        addresses = [delivery.sender, *(r.address for r in delivery.recipients)]
+        if all(address.isascii() for address in addresses):
+            return "ascii"  # the client asked for SMTPUTF8, but nothing here needs it
+        # RFC 6531 3.4: an internationalized address cannot be downgraded.
+        raise SessionError(Outcome.failed(
+            "553 5.6.7 the upstream does not support SMTPUTF8, which the"
+            " internationalized addresses of this message need", Scope.MESSAGE))
 
-    def _mail_options(self, delivery: Delivery) -> list[str]:
+    def _mail_options(self, delivery: Delivery, encoding: str) -> list[str]:
         options = []
         if self._client.supports_extension("8bitmime") and not delivery.content.isascii():
             options.append("BODY=8BITMIME")
-        if delivery.smtputf8:
+        if encoding == "utf-8":
             options.append("SMTPUTF8")
         if self._client.supports_extension("size"):
             options.append(f"SIZE={len(delivery.content)}")
@@ -416,6 +421,16 @@ class UpstreamSession:
                 Scope.MESSAGE, uncertain=True))
         return SessionError(Outcome.deferred(
             f"connection lost at {stage}: {describe_error(error)}", Scope.SESSION))
+
+
+async def _greet(client: aiosmtplib.SMTP) -> None:
+    """EHLO, or HELO for the rare server that knows no ESMTP (RFC 5321 3.2)."""
+    try:
+        await client.ehlo()
+    except aiosmtplib.SMTPHeloError as error:
+        if not 500 <= error.code < 600:
+            raise
+        await client.helo()
 
 
 async def _login(client: aiosmtplib.SMTP, username: str, password: str, where: str) -> None:
