@@ -76,6 +76,7 @@ class UpstreamHandler:
     drop_at_mail: int = 0  # drop the connection at the Nth MAIL FROM over all connections
     users: dict[str, str] = field(default_factory=dict)  # AUTH required when not empty
     auth_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")  # offered when users are set
+    smtputf8: bool = True  # advertise SMTPUTF8
     connections: int = 0
     connected_at: list[float] = field(default_factory=list)
     open_connections: int = 0
@@ -151,7 +152,8 @@ class UpstreamSMTP(SMTP):
     def _build(self, handler: UpstreamHandler, tls_context: ssl.SSLContext | None,
                implicit_tls: bool) -> None:
         super().__init__(
-            handler, hostname="upstream.test", enable_SMTPUTF8=True, tls_context=tls_context,
+            handler, hostname="upstream.test", enable_SMTPUTF8=handler.smtputf8,
+            tls_context=tls_context,
             require_starttls=tls_context is not None,
             auth_require_tls=not implicit_tls,  # aiosmtpd cannot see the implicit TLS
             auth_required=bool(handler.users), authenticator=handler.authenticate,
