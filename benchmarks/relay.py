@@ -66,8 +66,13 @@ async def load(port: int, messages: int, connections: int, recipients: int) -> f
     rcpts = [f"r{i}@example.test" for i in range(recipients)]
 
     async def worker(count: int) -> None:
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False,
-                                 local_hostname="bench.test", timeout=120)
+        client = aiosmtplib.SMTP(
+            hostname="127.0.0.1",
+            port=port,
+            start_tls=False,
+            local_hostname="bench.test",
+            timeout=120,
+        )
         await client.connect()
         for _ in range(count):
             await client.sendmail("bench@example.test", rcpts, content)
@@ -81,8 +86,9 @@ async def load(port: int, messages: int, connections: int, recipients: int) -> f
 
 class Process:
     def __init__(self, argv: list[str], port: int, **kwargs: object) -> None:
-        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, **kwargs)  # type: ignore[call-overload]
+        self.popen = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs
+        )  # type: ignore[call-overload]
         wait_port(port)
 
     def peak_rss_mb(self) -> float:
@@ -103,8 +109,14 @@ def sink(workdir: Path) -> tuple[Process, int, Path]:
     port = free_port()
     count_file = workdir / f"sink-{port}.count"
     count_file.write_text("0 0\n")
-    return Process([PYTHON, str(HERE / "sink.py"), "--port", str(port), "--count-file",
-                    str(count_file)], port), port, count_file
+    return (
+        Process(
+            [PYTHON, str(HERE / "sink.py"), "--port", str(port), "--count-file", str(count_file)],
+            port,
+        ),
+        port,
+        count_file,
+    )
 
 
 def received(count_file: Path) -> int:
@@ -161,8 +173,9 @@ def run_case(case: str, args: argparse.Namespace, workdir: Path) -> dict[str, fl
     else:
         while received(count_file) < args.messages:
             if time.perf_counter() - started > 600:
-                raise SystemExit(f"{case}: the sink got {received(count_file)} of"
-                                 f" {args.messages} in 10 minutes")
+                raise SystemExit(
+                    f"{case}: the sink got {received(count_file)} of {args.messages} in 10 minutes"
+                )
             time.sleep(0.05)
         result["smtpgate"] = args.messages / (time.perf_counter() - started)
     result["rss_mb"] = smtpgate.peak_rss_mb()
@@ -185,10 +198,13 @@ def main() -> None:
             for case in cases:
                 samples[case].append(run_case(case, args, Path(tmp)))
                 print(f"rep {rep + 1} {case}: {samples[case][-1]}", file=sys.stderr)
-    print(f"{args.messages} messages of 4 KiB over {args.connections} connections,"
-          f" {args.reps} repetitions, medians ({os.cpu_count()} cores)")
-    print(f"{'case':<16}{'smtpgate msg/s':>16}{'reference msg/s':>17}{'ratio':>8}"
-          f"{'peak RSS MB':>13}")
+    print(
+        f"{args.messages} messages of 4 KiB over {args.connections} connections,"
+        f" {args.reps} repetitions, medians ({os.cpu_count()} cores)"
+    )
+    print(
+        f"{'case':<16}{'smtpgate msg/s':>16}{'reference msg/s':>17}{'ratio':>8}{'peak RSS MB':>13}"
+    )
     for case, runs in samples.items():
         ours = statistics.median(r["smtpgate"] for r in runs)
         ref = statistics.median(r["reference"] for r in runs)

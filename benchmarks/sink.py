@@ -25,8 +25,14 @@ class Counter:
         self.recipients += len(envelope.rcpt_tos)
         return "250 2.0.0 Ok"
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
         session.host_name = hostname
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
@@ -35,10 +41,12 @@ async def serve(port: int, count_file: Path) -> None:
     counter = Counter()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(counter, hostname="sink.bench", enable_SMTPUTF8=True), "127.0.0.1", port)
+        lambda: SMTP(counter, hostname="sink.bench", enable_SMTPUTF8=True), "127.0.0.1", port
+    )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     print("READY", flush=True)
+
     def save() -> None:  # a few bytes to the page cache: not worth a thread
         count_file.write_text(f"{counter.messages} {counter.recipients}\n")
 

@@ -36,7 +36,11 @@ def sample_message(config: Config, sender: str, recipient: str, route: str) -> b
 
 
 async def check_route(
-    config: Config, route: str, say: Say, *, send_to: str | None = None,
+    config: Config,
+    route: str,
+    say: Say,
+    *,
+    send_to: str | None = None,
     sender: str | None = None,
 ) -> bool:
     """Run the steps, reporting each through `say`; True when every step passed."""
@@ -44,17 +48,28 @@ async def check_route(
         raise ConfigError(f"no route {route!r} (defined: {', '.join(config.routes)})")
     settings = config.routes[route]
     if settings.mode != "relay" or not settings.relay:
-        say("route", False, f"{route} sends {settings.mode}; this version can check relay"
-                            " routes only")
+        say(
+            "route",
+            False,
+            f"{route} sends {settings.mode}; this version can check relay routes only",
+        )
         return False
     relay = config.relays[settings.relay]
     password = relay.resolve_password(os.environ)
-    say("route", True, f"{route} relays through {settings.relay}"
-                       f" ({relay.host}:{relay.effective_port}, tls = {relay.tls})")
+    say(
+        "route",
+        True,
+        f"{route} relays through {settings.relay}"
+        f" ({relay.host}:{relay.effective_port}, tls = {relay.tls})",
+    )
     try:
         session = await UpstreamSession.open(
-            relay, helo_name=config.server.hostname, context=tls_context(relay),
-            password=password, progress=lambda stage, detail: say(stage, True, detail))
+            relay,
+            helo_name=config.server.hostname,
+            context=tls_context(relay),
+            password=password,
+            progress=lambda stage, detail: say(stage, True, detail),
+        )
     except SessionError as error:
         say(error.stage or "connect", False, error.outcome.reply)
         return False
@@ -63,9 +78,13 @@ async def check_route(
             return True
         sender = sender or f"smtpgate-check@{config.server.hostname}"
         delivery = Delivery(
-            queue_id="CHECK-" + secrets.token_hex(4).upper(), route=route, sender=sender,
-            content=sample_message(config, sender, send_to, route), smtputf8=False,
-            received_at=time.time(), recipients=(LeasedRecipient(0, send_to, 0),),
+            queue_id="CHECK-" + secrets.token_hex(4).upper(),
+            route=route,
+            sender=sender,
+            content=sample_message(config, sender, send_to, route),
+            smtputf8=False,
+            received_at=time.time(),
+            recipients=(LeasedRecipient(0, send_to, 0),),
         )
         outcome = (await session.send(delivery, pipelined=False))[0]
         ok = outcome.verdict.value == "delivered"

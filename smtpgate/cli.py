@@ -51,17 +51,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help="config file (else $SMTPGATE_CONFIG, else ./smtpgate.toml)")
-    common.add_argument("--state-dir", metavar="DIR", default=argparse.SUPPRESS,
-                        help="spool and runtime state (else $SMTPGATE_STATE_DIR, else XDG)")
-    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
-                        default=argparse.SUPPRESS)
-    common.add_argument("--log-format", choices=["auto", "console", "json"],
-                        default=argparse.SUPPRESS)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="config file (else $SMTPGATE_CONFIG, else ./smtpgate.toml)",
+    )
+    common.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="spool and runtime state (else $SMTPGATE_STATE_DIR, else XDG)",
+    )
+    common.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], default=argparse.SUPPRESS
+    )
+    common.add_argument(
+        "--log-format", choices=["auto", "console", "json"], default=argparse.SUPPRESS
+    )
 
     parser = argparse.ArgumentParser(
-        prog="smtpgate", parents=[common],
+        prog="smtpgate",
+        parents=[common],
         description="A local SMTP gateway: accepts mail on localhost and sends it on.",
     )
     parser.add_argument("--version", action="version", version=f"smtpgate {__version__}")
@@ -74,27 +85,32 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", parents=[common], help="inspect the config")
     config_commands = config.add_subparsers(metavar="ACTION", required=True)
     check = config_commands.add_parser(
-        "check", parents=[common], help="validate and print the effective config")
+        "check", parents=[common], help="validate and print the effective config"
+    )
     check.add_argument("--json", action="store_true")
     check.set_defaults(run=_config_check)
 
     check = commands.add_parser(
-        "check", parents=[common], help="try a route's upstream: connect, TLS, AUTH, send")
+        "check", parents=[common], help="try a route's upstream: connect, TLS, AUTH, send"
+    )
     check.add_argument("route", metavar="ROUTE")
     check.add_argument("--send-to", metavar="ADDRESS", help="also send one test message")
-    check.add_argument("--from", dest="sender", metavar="ADDRESS",
-                       help="envelope sender of the test message")
+    check.add_argument(
+        "--from", dest="sender", metavar="ADDRESS", help="envelope sender of the test message"
+    )
     check.set_defaults(run=_check)
 
     send = commands.add_parser(
-        "send", parents=[common], help="inject a test message through the running gateway")
+        "send", parents=[common], help="inject a test message through the running gateway"
+    )
     send.add_argument("--to", required=True, metavar="ADDRESS", action="append")
     send.add_argument("--from", dest="sender", metavar="ADDRESS")
     send.add_argument("--route", metavar="ROUTE", help="send it by this route")
     send.set_defaults(run=_send)
 
-    queue = commands.add_parser("queue", parents=[common],
-                                help="messages and recipients in the spool")
+    queue = commands.add_parser(
+        "queue", parents=[common], help="messages and recipients in the spool"
+    )
     queue.add_argument("--json", action="store_true")
     queue.add_argument("--limit", type=int, default=None, help="newest N messages only")
     queue.set_defaults(run=_queue_list)
@@ -105,7 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--body", action="store_true", help="print the message as stored")
     show.set_defaults(run=_queue_show)
     retry = queue_commands.add_parser(
-        "retry", parents=[common], help="send deferred mail now (of one message, or all)")
+        "retry", parents=[common], help="send deferred mail now (of one message, or all)"
+    )
     retry.add_argument("queue_id", metavar="ID", nargs="?")
     retry.set_defaults(run=_queue_retry)
     return parser
@@ -134,8 +151,9 @@ def _check(config: Config, args: argparse.Namespace) -> int:
     def say(step: str, ok: bool, detail: str) -> None:
         print(f"{step:<8} {'ok  ' if ok else 'FAIL'}  {detail}", flush=True)
 
-    passed = asyncio.run(check_route(config, args.route, say, send_to=args.send_to,
-                                     sender=args.sender))
+    passed = asyncio.run(
+        check_route(config, args.route, say, send_to=args.send_to, sender=args.sender)
+    )
     print(f"verdict  route {args.route} {'works' if passed else 'does NOT work'}")
     return EXIT_OK if passed else EXIT_FAILURE
 
@@ -160,13 +178,16 @@ def _send(config: Config, args: argparse.Namespace) -> int:
             for recipient in args.to:
                 code, reply = client.rcpt(recipient)
                 if code >= 300:
-                    print(f"smtpgate: {recipient} refused: {code} {reply.decode()}",
-                          file=sys.stderr)
+                    print(
+                        f"smtpgate: {recipient} refused: {code} {reply.decode()}", file=sys.stderr
+                    )
                     return EXIT_FAILURE
             code, reply = client.data(content)
     except (OSError, smtplib.SMTPException) as error:
-        print(f"smtpgate: cannot hand the message to the gateway at {listen}: {error}",
-              file=sys.stderr)
+        print(
+            f"smtpgate: cannot hand the message to the gateway at {listen}: {error}",
+            file=sys.stderr,
+        )
         return EXIT_FAILURE
     text = reply.decode(errors="replace")
     if code != 250:
@@ -223,8 +244,10 @@ def _as_toml(data: dict[str, Any], prefix: str = "") -> str:
 def _with_spool(config: Config) -> SqliteSpool | None:
     path = config.spool_path()
     if not path.exists():
-        print(f"no spool at {path} yet: nothing has been accepted with this state directory",
-              file=sys.stderr)
+        print(
+            f"no spool at {path} yet: nothing has been accepted with this state directory",
+            file=sys.stderr,
+        )
         return None
     return SqliteSpool.open(path)
 
@@ -241,33 +264,56 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
 
     messages, relays = asyncio.run(read())
     if args.json:
-        print(json.dumps({
-            "relays": {name: {"status": status, "since": _iso(at)}
-                       for name, (status, at) in relays.items()},
-            "messages": [_message_json(m) for m in messages],
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "relays": {
+                        name: {"status": status, "since": _iso(at)}
+                        for name, (status, at) in relays.items()
+                    },
+                    "messages": [_message_json(m) for m in messages],
+                },
+                indent=2,
+            )
+        )
         return EXIT_OK
     for name, (status, at) in sorted(relays.items()):
         print(f"relay {name}: {status} (since {_when(at)})")
     rows = []
     for message in messages:
         for index, r in enumerate(message.recipients):
-            rows.append([
-                message.queue_id if index == 0 else "",
-                _when(message.received_at) if index == 0 else "",
-                (message.sender or "<>") if index == 0 else "",
-                r.address, r.route, r.state.value, str(r.attempts),
-                _when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
-                r.last_reply or "",
-            ])
-    headers = ["QUEUE ID", "RECEIVED", "SENDER", "RECIPIENT", "ROUTE", "STATE", "ATTEMPTS",
-               "NEXT ATTEMPT", "LAST REPLY"]
+            rows.append(
+                [
+                    message.queue_id if index == 0 else "",
+                    _when(message.received_at) if index == 0 else "",
+                    (message.sender or "<>") if index == 0 else "",
+                    r.address,
+                    r.route,
+                    r.state.value,
+                    str(r.attempts),
+                    _when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
+                    r.last_reply or "",
+                ]
+            )
+    headers = [
+        "QUEUE ID",
+        "RECEIVED",
+        "SENDER",
+        "RECIPIENT",
+        "ROUTE",
+        "STATE",
+        "ATTEMPTS",
+        "NEXT ATTEMPT",
+        "LAST REPLY",
+    ]
     if rows:
         print(_table(headers, rows))
     counts = Counter(r.state.value for m in messages for r in m.recipients)
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
-    print(f"{len(messages)} messages, {sum(counts.values())} recipients"
-          + (f": {summary}" if summary else ""))
+    print(
+        f"{len(messages)} messages, {sum(counts.values())} recipients"
+        + (f": {summary}" if summary else "")
+    )
     return EXIT_OK
 
 
@@ -293,15 +339,28 @@ def _queue_show(config: Config, args: argparse.Namespace) -> int:
             data["content"] = body.decode("utf-8", "replace")
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    print(f"queue id:  {message.queue_id}\nreceived:  {_when(message.received_at)}"
-          f" from {message.client_address} (HELO {message.helo})\n"
-          f"sender:    {message.sender or '<>'}\nsize:      {message.size} bytes\n")
-    print(_table(
-        ["RECIPIENT", "ROUTE", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "UPDATED", "LAST REPLY"],
-        [[r.address, r.route, r.state.value, str(r.attempts), _when(r.next_attempt)
-          if r.state.value in ("queued", "deferred") else "", _when(r.updated_at),
-          r.last_reply or ""] for r in message.recipients],
-    ))
+    print(
+        f"queue id:  {message.queue_id}\nreceived:  {_when(message.received_at)}"
+        f" from {message.client_address} (HELO {message.helo})\n"
+        f"sender:    {message.sender or '<>'}\nsize:      {message.size} bytes\n"
+    )
+    print(
+        _table(
+            ["RECIPIENT", "ROUTE", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "UPDATED", "LAST REPLY"],
+            [
+                [
+                    r.address,
+                    r.route,
+                    r.state.value,
+                    str(r.attempts),
+                    _when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
+                    _when(r.updated_at),
+                    r.last_reply or "",
+                ]
+                for r in message.recipients
+            ],
+        )
+    )
     if body is not None:
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -327,8 +386,10 @@ def _queue_retry(config: Config, args: argparse.Namespace) -> int:
     if count < 0 or (args.queue_id and not config.spool_path().exists()):
         print(f"smtpgate: no message {args.queue_id!r} in the queue", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"{count} deferred recipients are due now; a running `smtpgate serve` on this"
-          " spool sends them within a second")
+    print(
+        f"{count} deferred recipients are due now; a running `smtpgate serve` on this"
+        " spool sends them within a second"
+    )
     return EXIT_OK
 
 
@@ -341,9 +402,15 @@ def _message_json(message: MessageView) -> dict[str, Any]:
         "client_address": message.client_address,
         "helo": message.helo,
         "recipients": [
-            {"address": r.address, "route": r.route, "state": r.state.value,
-             "attempts": r.attempts, "next_attempt": _iso(r.next_attempt),
-             "last_reply": r.last_reply, "updated_at": _iso(r.updated_at)}
+            {
+                "address": r.address,
+                "route": r.route,
+                "state": r.state.value,
+                "attempts": r.attempts,
+                "next_attempt": _iso(r.next_attempt),
+                "last_reply": r.last_reply,
+                "updated_at": _iso(r.updated_at),
+            }
             for r in message.recipients
         ],
     }
@@ -364,8 +431,9 @@ def _when(timestamp: float | None) -> str:
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-              for row in rows]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
     return "\n".join(lines)
 
 

@@ -41,8 +41,19 @@ class ConfigError(Exception):
 # --- human units -------------------------------------------------------------------------
 
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "kib": 1024, "m": 1024**2, "mb": 1024**2,
-               "mib": 1024**2, "g": 1024**3, "gb": 1024**3, "gib": 1024**3}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
+}
 _QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 
 
@@ -156,8 +167,10 @@ class ServerConfig(_Section):
     max_connections: int = Field(default=100, ge=1)
     idle_timeout: Annotated[Duration, Field(gt=0)] = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
     trusted_networks: NetworkList = Field(
-        default_factory=lambda: [ipaddress.ip_network("127.0.0.0/8"),
-                                 ipaddress.ip_network("::1/128")]
+        default_factory=lambda: [
+            ipaddress.ip_network("127.0.0.0/8"),
+            ipaddress.ip_network("::1/128"),
+        ]
     )
     default_route: str = BUILTIN_DIRECT_ROUTE
 
@@ -181,8 +194,18 @@ class SpoolConfig(_Section):
 
 
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.I)
-_RATE_WINDOWS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60,
-                 "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+_RATE_WINDOWS = {
+    "s": 1,
+    "sec": 1,
+    "second": 1,
+    "m": 60,
+    "min": 60,
+    "minute": 60,
+    "h": 3600,
+    "hour": 3600,
+    "d": 86400,
+    "day": 86400,
+}
 
 
 class Rate(BaseModel):
@@ -199,7 +222,8 @@ class Rate(BaseModel):
         match = _RATE.match(value)
         if not match or int(match.group(1)) < 1:
             raise ValueError(
-                f"{value!r} is not a rate such as '14/s', '30/min', '100/h' or '10000/d'")
+                f"{value!r} is not a rate such as '14/s', '30/min', '100/h' or '10000/d'"
+            )
         return cls(count=int(match.group(1)), window=_RATE_WINDOWS[match.group(2).lower()])
 
     def __str__(self) -> str:
@@ -207,8 +231,9 @@ class Rate(BaseModel):
         return f"{self.count}/{unit}" if unit else f"{self.count}/{self.window:g}s"
 
 
-RateList = Annotated[list[Annotated[Rate, BeforeValidator(Rate.parse)]],
-                     BeforeValidator(_one_or_many)]
+RateList = Annotated[
+    list[Annotated[Rate, BeforeValidator(Rate.parse)]], BeforeValidator(_one_or_many)
+]
 DEFAULT_PORTS = {"none": 25, "starttls": 587, "ssl": 465}
 
 
@@ -360,7 +385,8 @@ class Config(_Section):
         return [
             f"relays.{name}.password is written in the config file; prefer password_env"
             " or password_file so the secret stays out of the file"
-            for name, relay in self.relays.items() if relay.password
+            for name, relay in self.relays.items()
+            if relay.password
         ]
 
     def state_dir(self) -> Path:
@@ -448,7 +474,7 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> list[s
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        keys = [part.lower() for part in name[len(ENV_PREFIX):].split("__")]
+        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
         if not all(keys):
             raise ConfigError(f"{name}: empty key in environment override")
         table = raw

@@ -30,7 +30,7 @@ def split_controls(content: bytes) -> tuple[bytes, dict[str, str]]:
             kept.append(line)
             continue
         name, _, value = line.partition(b":")
-        key = name[len(CONTROL_PREFIX):].strip().lower().decode("ascii", "replace")
+        key = name[len(CONTROL_PREFIX) :].strip().lower().decode("ascii", "replace")
         fields.append((key, [value]))
     controls: dict[str, str] = {}
     for key, parts in fields:

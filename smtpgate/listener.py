@@ -28,9 +28,23 @@ log = logs.get(__name__)
 
 # RFC 3463 codes for aiosmtpd's own replies, which carry none (RFC 2034 asks for one on
 # every reply except the greeting, EHLO/HELO and 354).
-_ENHANCED = {250: "2.0.0", 221: "2.0.0", 252: "2.0.0", 421: "4.3.0", 451: "4.3.0",
-             500: "5.5.2", 501: "5.5.4", 502: "5.5.1", 503: "5.5.1", 504: "5.5.4",
-             530: "5.7.0", 552: "5.3.4", 553: "5.1.3", 554: "5.0.0", 555: "5.5.4"}
+_ENHANCED = {
+    250: "2.0.0",
+    221: "2.0.0",
+    252: "2.0.0",
+    421: "4.3.0",
+    451: "4.3.0",
+    500: "5.5.2",
+    501: "5.5.4",
+    502: "5.5.1",
+    503: "5.5.1",
+    504: "5.5.4",
+    530: "5.7.0",
+    552: "5.3.4",
+    553: "5.1.3",
+    554: "5.0.0",
+    555: "5.5.4",
+}
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 
 TEMPORARY_FAILURE = "451 4.3.0 Local error in processing; the message was not accepted, try again"
@@ -42,8 +56,13 @@ class Handler:
     tests/test_listener.py proves these are the ones called."""
 
     def __init__(
-        self, config: Config, spool: Spool, router: Router, policy: RelayPolicy,
-        on_stored: Callable[[], None], passthrough: Passthrough | None = None,
+        self,
+        config: Config,
+        spool: Spool,
+        router: Router,
+        policy: RelayPolicy,
+        on_stored: Callable[[], None],
+        passthrough: Passthrough | None = None,
     ) -> None:
         self._config = config
         self._spool = spool
@@ -52,18 +71,27 @@ class Handler:
         self._on_stored = on_stored
         self._passthrough = passthrough
         self._live: weakref.WeakKeyDictionary[Session, LiveTransaction] = (
-            weakref.WeakKeyDictionary())
+            weakref.WeakKeyDictionary()
+        )
         self._closing: set[asyncio.Task[None]] = set()
 
     async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
         return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         mail_options: list[str],
     ) -> str:
         if refusal := address_refusal(address, envelope.smtp_utf8, "5.1.7"):
@@ -74,7 +102,11 @@ class Handler:
         return "250 2.1.0 Sender OK"
 
     async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
         rcpt_options: list[str],
     ) -> str:
         if refusal := address_refusal(address, envelope.smtp_utf8, "5.1.3"):
@@ -87,11 +119,11 @@ class Handler:
             # RFC 5321 4.5.3.1.10: 452, and the client sends the rest in another transaction
             return "452 4.5.3 Too many recipients"
         if self._passthrough is not None:
-            route = self._router.route(
-                RouteEnvelope(_sender(envelope), client_ip, None), address)
+            route = self._router.route(RouteEnvelope(_sender(envelope), client_ip, None), address)
             if self._passthrough.handles(route):
                 accepted, reply = await self._live_recipient(
-                    self._passthrough, session, envelope, route, address)
+                    self._passthrough, session, envelope, route, address
+                )
                 if not accepted:
                     return reply
                 envelope.rcpt_tos.append(address)
@@ -101,21 +133,30 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
 
-    async def _live_recipient(self, passthrough: Passthrough, session: Session,
-                              envelope: Envelope, route: str, address: str
-                              ) -> tuple[bool, str]:
+    async def _live_recipient(
+        self,
+        passthrough: Passthrough,
+        session: Session,
+        envelope: Envelope,
+        route: str,
+        address: str,
+    ) -> tuple[bool, str]:
         """RCPT for a passthrough route: the upstream's own reply goes to the client."""
         live = self._live.get(session)
         if live is None:
             live, refusal = await passthrough.start(
-                route, _sender(envelope), smtputf8=envelope.smtp_utf8,
-                eight_bit="BODY=8BITMIME" in envelope.mail_options)
+                route,
+                _sender(envelope),
+                smtputf8=envelope.smtp_utf8,
+                eight_bit="BODY=8BITMIME" in envelope.mail_options,
+            )
             self._live[session] = live
             if refusal is not None:
                 return False, refusal
         elif live.route != route:
-            return False, ("452 4.5.3 Recipients of another passthrough route go in a new"
-                           " transaction")
+            return False, (
+                "452 4.5.3 Recipients of another passthrough route go in a new transaction"
+            )
         return await passthrough.recipient(live, address, smtputf8=envelope.smtp_utf8)
 
     async def _end_live(self, session: Session) -> None:
@@ -145,7 +186,8 @@ class Handler:
                 recipients.append(NewRecipient(address, live.route, leased=True))
             else:
                 recipients.append(
-                    NewRecipient(address, self._router.route(route_envelope, address)))
+                    NewRecipient(address, self._router.route(route_envelope, address))
+                )
         message = NewMessage(
             sender=sender,
             recipients=recipients,
@@ -158,19 +200,27 @@ class Handler:
         try:
             queue_id = await self._spool.store(message)
         except Exception:
-            log.exception("spool write failed; message refused with 451", client=client_ip,
-                          sender=sender)
+            log.exception(
+                "spool write failed; message refused with 451", client=client_ip, sender=sender
+            )
             if live is not None and self._passthrough is not None:
                 await self._passthrough.close(live)
             return TEMPORARY_FAILURE
-        log.info("accepted", queue_id=queue_id, sender=sender, client=client_ip,
-                 size=len(content), recipients=len(message.recipients),
-                 routes=sorted({r.route for r in message.recipients}))
+        log.info(
+            "accepted",
+            queue_id=queue_id,
+            sender=sender,
+            client=client_ip,
+            size=len(content),
+            recipients=len(message.recipients),
+            routes=sorted({r.route for r in message.recipients}),
+        )
         reply = None
         if live is not None and self._passthrough is not None:
             alone = all(r.leased for r in recipients)
-            reply = await self._passthrough.finish(live, self._spool, queue_id, content,
-                                                   alone=alone)
+            reply = await self._passthrough.finish(
+                live, self._spool, queue_id, content, alone=alone
+            )
         self._on_stored()
         return reply or f"250 2.0.0 Ok: queued as {queue_id}"
 

@@ -39,16 +39,16 @@ class Passthrough:
     def handles(self, route: str) -> bool:
         return route in self._transports
 
-    async def start(self, route: str, sender: str, *, smtputf8: bool, eight_bit: bool
-                    ) -> tuple[LiveTransaction, str | None]:
+    async def start(
+        self, route: str, sender: str, *, smtputf8: bool, eight_bit: bool
+    ) -> tuple[LiveTransaction, str | None]:
         """Open the upstream transaction. Returns it, and a reply for the client when the
         upstream could not be reached or refused the sender."""
         transaction = LiveTransaction(route, None)
         try:
             session = await self._transports[route].dedicated_session()
         except SessionError as error:
-            log.warning("passthrough upstream unavailable", route=route,
-                        reply=error.outcome.reply)
+            log.warning("passthrough upstream unavailable", route=route, reply=error.outcome.reply)
             return transaction, f"451 4.4.0 {route}: {error.outcome.reply}"
         transaction.session = session
         try:
@@ -60,8 +60,9 @@ class Passthrough:
             return transaction, format_reply(reply.code, reply.text)
         return transaction, None
 
-    async def recipient(self, transaction: LiveTransaction, address: str, *,
-                        smtputf8: bool) -> tuple[bool, str]:
+    async def recipient(
+        self, transaction: LiveTransaction, address: str, *, smtputf8: bool
+    ) -> tuple[bool, str]:
         """RCPT upstream; whether it was accepted, and the upstream's reply for the client."""
         if transaction.session is None:
             return False, f"451 4.4.0 {transaction.route}: the upstream is not reachable"
@@ -75,16 +76,22 @@ class Passthrough:
             transaction.addresses.append(address)
         return accepted, format_reply(reply.code, reply.text)
 
-    async def finish(self, transaction: LiveTransaction, spool: Spool, queue_id: str,
-                     content: bytes, *, alone: bool) -> str | None:
+    async def finish(
+        self,
+        transaction: LiveTransaction,
+        spool: Spool,
+        queue_id: str,
+        content: bytes,
+        *,
+        alone: bool,
+    ) -> str | None:
         """Send the stored message upstream and record what became of its passthrough
         recipients. Returns the upstream's reply for the client when that is the whole
         answer, or None when the client is to hear "250 queued": other recipients were
         queued with it (not `alone`), or the upstream's verdict is not known."""
         session = transaction.session
         view = await spool.message(queue_id)
-        ids = [r.id for r in view.recipients if r.state is RecipientState.SENDING] \
-            if view else []
+        ids = [r.id for r in view.recipients if r.state is RecipientState.SENDING] if view else []
         if session is None:
             outcome = Outcome.deferred("the upstream went away before DATA", Scope.SESSION)
         else:
@@ -93,12 +100,25 @@ class Passthrough:
         owned = not alone or session is None or outcome.uncertain
         state, note = _settle(outcome, owned)
         now = time.time()
-        await spool.record([
-            RecipientUpdate(i, state, outcome.reply + note,
-                            next_attempt=now if state is RecipientState.DEFERRED else None)
-            for i in ids], now)
-        log.info("passthrough", queue_id=queue_id, route=transaction.route,
-                 reply=outcome.reply, state=state.value)
+        await spool.record(
+            [
+                RecipientUpdate(
+                    i,
+                    state,
+                    outcome.reply + note,
+                    next_attempt=now if state is RecipientState.DEFERRED else None,
+                )
+                for i in ids
+            ],
+            now,
+        )
+        log.info(
+            "passthrough",
+            queue_id=queue_id,
+            route=transaction.route,
+            reply=outcome.reply,
+            state=state.value,
+        )
         code, _, text = outcome.reply.partition(" ")
         if owned or not code.isdigit():
             return None

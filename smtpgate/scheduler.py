@@ -44,7 +44,8 @@ class Scheduler:
         shared = {id(t): asyncio.Semaphore(t.concurrency) for t in transports.values()}
         self._slots = {name: shared[id(t)] for name, t in transports.items()}
         self._capacity = MESSAGES_PER_CONNECTION * sum(
-            {id(t): t.concurrency for t in transports.values()}.values())
+            {id(t): t.concurrency for t in transports.values()}.values()
+        )
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -64,8 +65,7 @@ class Scheduler:
             except Exception:  # the spool is busy or failing: never give up on the queue
                 wait = SPOOL_RETRY_SECONDS[min(errors, len(SPOOL_RETRY_SECONDS) - 1)]
                 errors += 1
-                log.exception("cannot read due work from the spool; trying again",
-                              seconds=wait)
+                log.exception("cannot read due work from the spool; trying again", seconds=wait)
                 await asyncio.sleep(wait)
                 continue
             errors = 0
@@ -81,8 +81,7 @@ class Scheduler:
         free = self._capacity - len(self._in_flight)
         if free <= 0 or not self._transports or self._stopping:
             return
-        for delivery in await self._spool.lease_due(sorted(self._transports), time.time(),
-                                                    free):
+        for delivery in await self._spool.lease_due(sorted(self._transports), time.time(), free):
             task = asyncio.create_task(self._deliver(delivery))
             self._in_flight.add(task)
             task.add_done_callback(self._finished)
@@ -115,28 +114,35 @@ class Scheduler:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug in a transport must not lose or stall the mail
-                log.exception("transport failed", queue_id=delivery.queue_id,
-                              route=delivery.route)
+                log.exception("transport failed", queue_id=delivery.queue_id, route=delivery.route)
                 outcomes = {}
         policy = self._retry[delivery.route]
         now = time.time()
         internal = Outcome.deferred("451 4.3.0 internal error in smtpgate", Scope.SESSION)
         updates = [
             policy.decide(
-                r.id, outcomes.get(r.id, internal), attempts_before=r.attempts,
-                received_at=delivery.received_at, now=now,
+                r.id,
+                outcomes.get(r.id, internal),
+                attempts_before=r.attempts,
+                received_at=delivery.received_at,
+                now=now,
             )
             for r in delivery.recipients
         ]
         await self._record(delivery, updates, now)
         for recipient, update in zip(delivery.recipients, updates, strict=True):
             if update.state is RecipientState.FAILED and update.reply.startswith("gave up"):
-                log.warning("recipient failed: retry lifetime over", queue_id=delivery.queue_id,
-                            route=delivery.route, recipient=recipient.address,
-                            reply=update.reply)
+                log.warning(
+                    "recipient failed: retry lifetime over",
+                    queue_id=delivery.queue_id,
+                    route=delivery.route,
+                    recipient=recipient.address,
+                    reply=update.reply,
+                )
 
-    async def _record(self, delivery: Delivery, updates: Sequence[RecipientUpdate],
-                      now: float) -> None:
+    async def _record(
+        self, delivery: Delivery, updates: Sequence[RecipientUpdate], now: float
+    ) -> None:
         """Write the results, retrying while the spool refuses: a delivered recipient
         left `sending` would be sent again at the next start."""
         for errors in range(len(SPOOL_RETRY_SECONDS) * 20):
@@ -145,8 +151,14 @@ class Scheduler:
                 return
             except Exception:
                 wait = SPOOL_RETRY_SECONDS[min(errors, len(SPOOL_RETRY_SECONDS) - 1)]
-                log.exception("cannot record delivery results; trying again",
-                              queue_id=delivery.queue_id, seconds=wait)
+                log.exception(
+                    "cannot record delivery results; trying again",
+                    queue_id=delivery.queue_id,
+                    seconds=wait,
+                )
                 await asyncio.sleep(wait)
-        log.error("giving up recording delivery results; the recipients stay leased and"
-                  " are sent again after a restart", queue_id=delivery.queue_id)
+        log.error(
+            "giving up recording delivery results; the recipients stay leased and"
+            " are sent again after a restart",
+            queue_id=delivery.queue_id,
+        )

@@ -55,9 +55,11 @@ class Server:
             if route.mode == "relay" and route.relay:
                 if route.relay not in relays:
                     relays[route.relay] = RelayTransport(
-                        route.relay, self.config.relays[route.relay],
+                        route.relay,
+                        self.config.relays[route.relay],
                         helo_name=self.config.server.hostname,
-                        password=passwords[route.relay], ledger=spool,
+                        password=passwords[route.relay],
+                        ledger=spool,
                     )
                 transports[name] = relays[route.relay]
             else:
@@ -78,13 +80,14 @@ class Server:
         try:
             released = await spool.release_leases(time.time())
             if released:
-                log.warning("released recipients left in flight by a previous run",
-                            count=released)
+                log.warning("released recipients left in flight by a previous run", count=released)
             # 3. The delivery side, built but not started until the listeners are bound.
             transports, waiting = self.build_transports(spool, passwords)
             for route in await spool.pending_routes() - set(config.routes):
-                waiting[route] = (f"waiting: route {route!r} is no longer in the config;"
-                                  " add it back to send this mail")
+                waiting[route] = (
+                    f"waiting: route {route!r} is no longer in the config;"
+                    " add it back to send this mail"
+                )
             for transport in set(transports.values()):
                 await transport.start()
             retry = {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports}
@@ -92,24 +95,38 @@ class Server:
             # 4. The accepting side.
             connections = Connections(config.server.max_connections)
             live_routes = {
-                name: transport for name, transport in transports.items()
-                if config.routes[name].passthrough and isinstance(transport, RelayTransport)}
+                name: transport
+                for name, transport in transports.items()
+                if config.routes[name].passthrough and isinstance(transport, RelayTransport)
+            }
             passthrough = Passthrough(live_routes) if live_routes else None
-            handler = Handler(config, spool, Router(config), RelayPolicy(
-                config.server.trusted_networks), on_stored=scheduler.wake,
-                passthrough=passthrough)
+            handler = Handler(
+                config,
+                spool,
+                Router(config),
+                RelayPolicy(config.server.trusted_networks),
+                on_stored=scheduler.wake,
+                passthrough=passthrough,
+            )
             factory = protocol_factory(config, handler, connections)
             loop = asyncio.get_running_loop()
             for address in config.server.listen:
                 try:
-                    listeners.append(await loop.create_server(
-                        factory, host=address.host, port=address.port, reuse_address=True))
+                    listeners.append(
+                        await loop.create_server(
+                            factory, host=address.host, port=address.port, reuse_address=True
+                        )
+                    )
                 except OSError as error:
                     raise StartupError(f"cannot listen on {address}: {error.strerror}") from None
                 log.info("listening", address=str(address))
             scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
-            log.info("ready", state_dir=str(config.state_dir()), spool=str(config.spool_path()),
-                     routes={n: r.mode for n, r in config.routes.items()})
+            log.info(
+                "ready",
+                state_dir=str(config.state_dir()),
+                spool=str(config.spool_path()),
+                routes={n: r.mode for n, r in config.routes.items()},
+            )
             # 5. Run until asked to stop.
             self._install_signal_handlers()
             await self._stop.wait()
@@ -146,8 +163,10 @@ class Server:
     def _on_signal(self, signum: int) -> None:
         self._signals += 1
         if self._signals == 1:
-            log.info("stop requested; finishing work under way (send again to force)",
-                     signal=signal.Signals(signum).name)
+            log.info(
+                "stop requested; finishing work under way (send again to force)",
+                signal=signal.Signals(signum).name,
+            )
             self._stop.set()
         else:
             log.warning("forced stop", signal=signal.Signals(signum).name)

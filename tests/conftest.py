@@ -84,15 +84,27 @@ class UpstreamHandler:
     reads: list[bytes] = field(default_factory=list)  # every chunk read from the network
     mails: int = 0
 
-    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
-                          hostname: str, responses: list[str]) -> list[str]:
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
         session.host_name = hostname
         if self.pipelining:
             return [*responses[:-1], "250-PIPELINING", responses[-1]]
         return responses
 
-    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
         self.mails += 1
         if self.drop_at_mail and self.mails == self.drop_at_mail:
             assert server.transport is not None
@@ -102,8 +114,14 @@ class UpstreamHandler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 OK"
 
-    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
         if address in self.rcpt_replies:
             return self.rcpt_replies[address]
         if self.max_rcpts and len(envelope.rcpt_tos) >= self.max_rcpts:
@@ -124,23 +142,36 @@ class UpstreamHandler:
             if not reply.startswith("2"):
                 return reply
         assert isinstance(envelope.original_content, bytes)
-        self.messages.append(Received(str(envelope.mail_from), list(envelope.rcpt_tos),
-                                      envelope.original_content,
-                                      getattr(server, "number", 0), time.time()))
+        self.messages.append(
+            Received(
+                str(envelope.mail_from),
+                list(envelope.rcpt_tos),
+                envelope.original_content,
+                getattr(server, "number", 0),
+                time.time(),
+            )
+        )
         return "250 2.0.0 Ok: stored by upstream"
 
-    def authenticate(self, server: SMTP, session: Session, envelope: Envelope,
-                     mechanism: str, auth_data: Any) -> AuthResult:
-        ok = (isinstance(auth_data, LoginPassword)
-              and self.users.get(auth_data.login.decode()) == auth_data.password.decode())
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and self.users.get(auth_data.login.decode()) == auth_data.password.decode()
+        )
         return AuthResult(success=ok, handled=False)
 
 
 class UpstreamSMTP(SMTP):
     """aiosmtpd as an upstream, counting connections and what each read brought."""
 
-    def __init__(self, handler: UpstreamHandler, tls_context: ssl.SSLContext | None = None,
-                 implicit_tls: bool = False) -> None:
+    def __init__(
+        self,
+        handler: UpstreamHandler,
+        tls_context: ssl.SSLContext | None = None,
+        implicit_tls: bool = False,
+    ) -> None:
         with warnings.catch_warnings():  # "AUTH without TLS": the TLS is implicit here
             warnings.simplefilter("ignore", UserWarning)
             self._build(handler, tls_context, implicit_tls)
@@ -149,16 +180,21 @@ class UpstreamSMTP(SMTP):
         self._handler_ref = handler
         self._open = False
 
-    def _build(self, handler: UpstreamHandler, tls_context: ssl.SSLContext | None,
-               implicit_tls: bool) -> None:
+    def _build(
+        self, handler: UpstreamHandler, tls_context: ssl.SSLContext | None, implicit_tls: bool
+    ) -> None:
         super().__init__(
-            handler, hostname="upstream.test", enable_SMTPUTF8=handler.smtputf8,
+            handler,
+            hostname="upstream.test",
+            enable_SMTPUTF8=handler.smtputf8,
             tls_context=tls_context,
             require_starttls=tls_context is not None,
             auth_require_tls=not implicit_tls,  # aiosmtpd cannot see the implicit TLS
-            auth_required=bool(handler.users), authenticator=handler.authenticate,
-            auth_exclude_mechanism=[m for m in ("CRAM-MD5", "LOGIN", "PLAIN")
-                                    if m not in handler.auth_mechanisms],
+            auth_required=bool(handler.users),
+            authenticator=handler.authenticate,
+            auth_exclude_mechanism=[
+                m for m in ("CRAM-MD5", "LOGIN", "PLAIN") if m not in handler.auth_mechanisms
+            ],
         )
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -290,11 +326,12 @@ class PipelineTrap(asyncio.Protocol):
         end = self.buffer.find(b"\r\n.\r\n")
         if end < 0:
             return
-        content = self.buffer[:end + 2].replace(b"\r\n..", b"\r\n.")
-        self.buffer = self.buffer[end + 5:]
+        content = self.buffer[: end + 2].replace(b"\r\n..", b"\r\n.")
+        self.buffer = self.buffer[end + 5 :]
         self.in_data = False
-        self.messages.append(Received(self.envelope[0], self.envelope[1], content,
-                                      self.number, time.time()))
+        self.messages.append(
+            Received(self.envelope[0], self.envelope[1], content, self.number, time.time())
+        )
         self.transport.write(b"250 2.0.0 taken\r\n")
 
 
@@ -308,14 +345,23 @@ class Upstreams:
     def _run(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
 
-    def start(self, port: int | None = None, *, starttls: ssl.SSLContext | None = None,
-              implicit_tls: ssl.SSLContext | None = None, **behaviour: Any) -> Upstream:
+    def start(
+        self,
+        port: int | None = None,
+        *,
+        starttls: ssl.SSLContext | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
+        **behaviour: Any,
+    ) -> Upstream:
         """An aiosmtpd upstream; `starttls` offers (and requires) STARTTLS with that
         server context, `implicit_tls` speaks TLS from the first byte."""
         handler = UpstreamHandler(**behaviour)
         return self.start_protocol(
-            lambda: UpstreamSMTP(handler, starttls, implicit_tls is not None), port, handler,
-            ssl_context=implicit_tls)
+            lambda: UpstreamSMTP(handler, starttls, implicit_tls is not None),
+            port,
+            handler,
+            ssl_context=implicit_tls,
+        )
 
     def start_trap(self, mode: str) -> Upstream:
         handler = UpstreamHandler()
@@ -328,9 +374,14 @@ class Upstreams:
 
         return self.start_protocol(build, None, handler)
 
-    def start_protocol(self, factory: Callable[[], asyncio.BaseProtocol],
-                       port: int | None = None, handler: UpstreamHandler | None = None,
-                       *, ssl_context: ssl.SSLContext | None = None) -> Upstream:
+    def start_protocol(
+        self,
+        factory: Callable[[], asyncio.BaseProtocol],
+        port: int | None = None,
+        handler: UpstreamHandler | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> Upstream:
         port = port or free_port()
         protocols: list[asyncio.BaseProtocol] = []
 
@@ -338,8 +389,11 @@ class Upstreams:
             protocols.append(factory())
             return protocols[-1]
 
-        server = self._run(self._loop.create_server(tracked, "127.0.0.1", port,
-                                                    reuse_address=True, ssl=ssl_context))
+        server = self._run(
+            self._loop.create_server(
+                tracked, "127.0.0.1", port, reuse_address=True, ssl=ssl_context
+            )
+        )
         self._servers[server] = protocols
         return Upstream(port, handler or UpstreamHandler(), server, self)
 
@@ -427,8 +481,9 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 class Gateway:
     """`smtpgate serve` in a subprocess with a config written by the test."""
 
-    def __init__(self, workdir: Path, config_text: str, port: int,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, config_text: str, port: int, env: dict[str, str] | None = None
+    ) -> None:
         self.workdir = workdir
         self.env = {**_clean_env(), **(env or {})}
         self.port = port
@@ -445,15 +500,18 @@ class Gateway:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
             self.process = subprocess.Popen(
                 self.command("serve", "--log-format", "json", "--log-level", "debug"),
-                stdout=log, stderr=log, env=self.env,
+                stdout=log,
+                stderr=log,
+                env=self.env,
             )
         deadline = time.monotonic() + STARTUP_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 pytest.fail(f"smtpgate exited with {self.process.returncode}:\n{self.log()}")
-            with contextlib.suppress(OSError), socket.create_connection(
-                ("127.0.0.1", self.port), timeout=1
-            ) as sock:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock,
+            ):
                 if sock.recv(100).startswith(b"220"):
                     return self
             time.sleep(0.05)
@@ -486,11 +544,14 @@ class Gateway:
         return events
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(self.command(*args), capture_output=True, text=True,
-                                env=self.env, timeout=60)
+        result = subprocess.run(
+            self.command(*args), capture_output=True, text=True, env=self.env, timeout=60
+        )
         if check and result.returncode != 0:
-            pytest.fail(f"smtpgate {' '.join(args)} exited {result.returncode}:\n"
-                        f"{result.stdout}\n{result.stderr}")
+            pytest.fail(
+                f"smtpgate {' '.join(args)} exited {result.returncode}:\n"
+                f"{result.stdout}\n{result.stderr}"
+            )
         return result
 
     def queue(self) -> list[dict[str, Any]]:
@@ -505,14 +566,14 @@ class Gateway:
         """Every recipient in the spool by address (the tests use distinct addresses)."""
         return {r["address"]: r for m in self.queue() for r in m["recipients"]}
 
-    def wait_for_state(self, address: str, state: str, timeout: float = 15.0
-                       ) -> dict[str, Any]:
+    def wait_for_state(self, address: str, state: str, timeout: float = 15.0) -> dict[str, Any]:
         def reached() -> dict[str, Any] | None:
             recipient = self.recipients().get(address)
             return recipient if recipient and recipient["state"] == state else None
 
         result: dict[str, Any] = wait_until(
-            reached, timeout, f"{address} to be {state}; queue: {self.recipients()}")
+            reached, timeout, f"{address} to be {state}; queue: {self.recipients()}"
+        )
         return result
 
 
@@ -531,19 +592,25 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
     started: list[Gateway] = []
     count = 0
 
-    def make(config: str = "", *, start: bool = True, server: str = "",
-             env: dict[str, str] | None = None) -> Gateway:
+    def make(
+        config: str = "", *, start: bool = True, server: str = "", env: dict[str, str] | None = None
+    ) -> Gateway:
         nonlocal count
         count += 1
         workdir = tmp_path / f"gateway{count}"
         workdir.mkdir()
         port = free_port()
-        text = textwrap.dedent(f"""\
+        text = (
+            textwrap.dedent(f"""\
             [server]
             listen = ["127.0.0.1:{port}"]
-            state_dir = "{workdir / 'state'}"
+            state_dir = "{workdir / "state"}"
             hostname = "gateway.test"
-            """) + textwrap.dedent(server) + "\n" + textwrap.dedent(config)
+            """)
+            + textwrap.dedent(server)
+            + "\n"
+            + textwrap.dedent(config)
+        )
         gateway = Gateway(workdir, text, port, env)
         started.append(gateway)
         return gateway.start() if start else gateway
@@ -554,8 +621,14 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
             gateway.stop()
 
 
-def relay_config(port: int, *, route: str = "upstream", retry: str = '["1s"]',
-                 give_up_after: str = '"5d"', relay: str = "") -> str:
+def relay_config(
+    port: int,
+    *,
+    route: str = "upstream",
+    retry: str = '["1s"]',
+    give_up_after: str = '"5d"',
+    relay: str = "",
+) -> str:
     """A relay route named `route` to 127.0.0.1:port. `relay` holds more [relays.x] keys;
     unless it says otherwise: plain SMTP, 5 s timeouts, 1 s backoff."""
     lines = [line.strip() for line in relay.strip().splitlines() if line.strip()]
@@ -563,9 +636,11 @@ def relay_config(port: int, *, route: str = "upstream", retry: str = '["1s"]',
     defaults = {"tls": '"none"', "timeout": '"5s"', "backoff": '"1s"'}
     lines += [f"{key} = {value}" for key, value in defaults.items() if key not in given]
     body = "\n".join(lines)
-    return (f'[relays.{route}]\nhost = "127.0.0.1"\nport = {port}\n{body}\n\n'
-            f'[routes.{route}]\nmode = "relay"\nrelay = "{route}"\n'
-            f"retry_schedule = {retry}\ngive_up_after = {give_up_after}\n\n")
+    return (
+        f'[relays.{route}]\nhost = "127.0.0.1"\nport = {port}\n{body}\n\n'
+        f'[routes.{route}]\nmode = "relay"\nrelay = "{route}"\n'
+        f"retry_schedule = {retry}\ngive_up_after = {give_up_after}\n\n"
+    )
 
 
 def with_default_route(route: str) -> str:

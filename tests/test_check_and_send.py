@@ -16,16 +16,21 @@ from conftest import (
 
 
 def secure_relay(port: int, certificates: Certificates, password: str = "s3cret") -> str:
-    return relay_config(port, relay=f"""
+    return relay_config(
+        port,
+        relay=f"""
         tls = "starttls"
         ca_file = "{certificates.ca_file}"
         username = "me"
         password = "{password}"
-    """)
+    """,
+    )
 
 
 def test_check_reports_each_step_and_a_verdict(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
     upstream = upstreams.start(starttls=certificates.server_context, users={"me": "s3cret"})
     gateway = gateway_factory(secure_relay(upstream.port, certificates), start=False)
@@ -33,10 +38,16 @@ def test_check_reports_each_step_and_a_verdict(
     result = gateway.cli("check", "upstream", "--send-to", "ops@example.com")
 
     lines = dict(re.findall(r"^(\w+)\s+(ok  |FAIL)", result.stdout, re.MULTILINE))
-    assert lines == {"route": "ok  ", "connect": "ok  ", "tls": "ok  ", "auth": "ok  ",
-                     "send": "ok  "}
-    assert re.search(r"^tls\s+ok\s+TLSv1\.[23] .*valid until \d{4}-\d\d-\d\d",
-                     result.stdout, re.MULTILINE)
+    assert lines == {
+        "route": "ok  ",
+        "connect": "ok  ",
+        "tls": "ok  ",
+        "auth": "ok  ",
+        "send": "ok  ",
+    }
+    assert re.search(
+        r"^tls\s+ok\s+TLSv1\.[23] .*valid until \d{4}-\d\d-\d\d", result.stdout, re.MULTILINE
+    )
     assert "auth     ok    as me" in result.stdout
     assert result.stdout.rstrip().endswith("verdict  route upstream works")
     [message] = upstream.messages
@@ -45,7 +56,9 @@ def test_check_reports_each_step_and_a_verdict(
 
 
 def test_check_names_the_failing_step(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
     upstream = upstreams.start(starttls=certificates.server_context, users={"me": "s3cret"})
     wrong = gateway_factory(secure_relay(upstream.port, certificates, "guess"), start=False)
@@ -57,8 +70,9 @@ def test_check_names_the_failing_step(
     stranger = upstreams.start(starttls=certificates.untrusted_context)
     untrusted = gateway_factory(secure_relay(stranger.port, certificates), start=False)
     result = untrusted.cli("check", "upstream", check=False)
-    assert re.search(r"^tls\s+FAIL\s+.*certificate not trusted.*set ca_file", result.stdout,
-                     re.MULTILINE)
+    assert re.search(
+        r"^tls\s+FAIL\s+.*certificate not trusted.*set ca_file", result.stdout, re.MULTILINE
+    )
 
     nobody = gateway_factory(relay_config(free_port()), start=False)
     result = nobody.cli("check", "upstream", check=False)
@@ -77,7 +91,8 @@ def test_check_of_a_direct_or_unknown_route(gateway_factory: GatewayFactory) -> 
 
 
 def test_send_injects_a_test_message_through_the_gateway_by_route(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start()
     gateway = gateway_factory(relay_config(upstream.port))  # default route stays direct
@@ -92,11 +107,11 @@ def test_send_injects_a_test_message_through_the_gateway_by_route(
 
 
 def test_send_without_route_follows_the_rules_and_reports_a_dead_gateway(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start()
-    gateway = gateway_factory(relay_config(upstream.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(relay_config(upstream.port), server=with_default_route("upstream"))
     gateway.cli("send", "--to", "a@example.com", "--to", "b@example.com")
     wait_until(lambda: upstream.messages, what="the test message")
     assert upstream.messages[0].rcpt_tos == ["a@example.com", "b@example.com"]

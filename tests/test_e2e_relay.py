@@ -46,8 +46,9 @@ EXPECTED = (
 )
 
 
-def send(port: int, sender: str, recipients: list[str], content: bytes = MESSAGE
-         ) -> tuple[int, bytes]:
+def send(
+    port: int, sender: str, recipients: list[str], content: bytes = MESSAGE
+) -> tuple[int, bytes]:
     """One transaction over smtplib; returns the reply to the final dot."""
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
         client.ehlo("client.test")
@@ -69,8 +70,7 @@ def test_message_arrives_byte_for_byte_without_control_headers(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     upstream = upstreams.start()
-    gateway = gateway_factory(relay_config(upstream.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(relay_config(upstream.port), server=with_default_route("upstream"))
 
     code, reply = send(gateway.port, "ann@example.org", ["bob@example.com"])
 
@@ -85,16 +85,14 @@ def test_message_arrives_byte_for_byte_without_control_headers(
     assert recipient["attempts"] == 1
     assert recipient["last_reply"] == "250 2.0.0 Ok: stored by upstream"
     assert [m["queue_id"] for m in gateway.queue()] == [queue_id]
-    assert any(e.get("queue_id") == queue_id and e["event"] == "accepted"
-               for e in gateway.events())
+    assert any(e.get("queue_id") == queue_id and e["event"] == "accepted" for e in gateway.events())
 
 
 def test_null_sender_is_relayed_as_null_sender(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     upstream = upstreams.start()
-    gateway = gateway_factory(relay_config(upstream.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(relay_config(upstream.port), server=with_default_route("upstream"))
     send(gateway.port, "", ["postmaster@example.com"], b"Subject: bounce\r\n\r\nb\r\n")
     wait_until(lambda: upstream.messages, what="the bounce to arrive")
     assert upstream.messages[0].mail_from == "<>"
@@ -105,7 +103,8 @@ def test_rules_send_each_recipient_its_own_way(
 ) -> None:
     corp, news, other = upstreams.start(), upstreams.start(), upstreams.start()
     gateway = gateway_factory(
-        relay_config(corp.port, route="corp") + relay_config(news.port, route="news")
+        relay_config(corp.port, route="corp")
+        + relay_config(news.port, route="news")
         + relay_config(other.port, route="other")
         + """
         [[rules]]
@@ -119,12 +118,17 @@ def test_rules_send_each_recipient_its_own_way(
         server=with_default_route("other"),
     )
 
-    send(gateway.port, "ann@example.org",
-         ["bob@example.com", "eve@sales.EXAMPLE.com", "zed@example.net"])
+    send(
+        gateway.port,
+        "ann@example.org",
+        ["bob@example.com", "eve@sales.EXAMPLE.com", "zed@example.net"],
+    )
     send(gateway.port, "list@news.example.org", ["bob@example.com"], b"Subject: news\r\n\r\nx\r\n")
 
-    wait_until(lambda: len(corp.messages) == 1 and len(other.messages) == 1
-               and len(news.messages) == 1, what="every route to deliver")
+    wait_until(
+        lambda: len(corp.messages) == 1 and len(other.messages) == 1 and len(news.messages) == 1,
+        what="every route to deliver",
+    )
     assert corp.messages[0].rcpt_tos == ["bob@example.com", "eve@sales.EXAMPLE.com"]
     assert other.messages[0].rcpt_tos == ["zed@example.net"]
     assert news.messages[0].mail_from == "list@news.example.org"
@@ -138,7 +142,8 @@ def test_route_header_selects_a_rule_and_is_removed(
 ) -> None:
     main, bulk = upstreams.start(), upstreams.start()
     gateway = gateway_factory(
-        relay_config(main.port, route="main") + relay_config(bulk.port, route="bulk")
+        relay_config(main.port, route="main")
+        + relay_config(bulk.port, route="bulk")
         + """
         [[rules]]
         header = "bulk"
@@ -146,8 +151,12 @@ def test_route_header_selects_a_rule_and_is_removed(
         """,
         server=with_default_route("main"),
     )
-    send(gateway.port, "a@example.org", ["b@example.com"],
-         b"X-Smtpgate-Route: bulk\r\nSubject: s\r\n\r\nbody\r\n")
+    send(
+        gateway.port,
+        "a@example.org",
+        ["b@example.com"],
+        b"X-Smtpgate-Route: bulk\r\nSubject: s\r\n\r\nbody\r\n",
+    )
 
     wait_until(lambda: bulk.messages, what="the bulk upstream to receive the message")
     assert bulk.messages[0].content == b"Subject: s\r\n\r\nbody\r\n"
@@ -157,15 +166,17 @@ def test_route_header_selects_a_rule_and_is_removed(
 def test_each_recipient_gets_its_own_result(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
-    upstream = upstreams.start(rcpt_replies={
-        "gone@example.com": "550 5.1.1 <gone@example.com>: no such user",
-        "full@example.com": "452 4.2.2 mailbox full",
-    })
-    gateway = gateway_factory(relay_config(upstream.port, retry='["1h"]'),
-                              server=with_default_route("upstream"))
+    upstream = upstreams.start(
+        rcpt_replies={
+            "gone@example.com": "550 5.1.1 <gone@example.com>: no such user",
+            "full@example.com": "452 4.2.2 mailbox full",
+        }
+    )
+    gateway = gateway_factory(
+        relay_config(upstream.port, retry='["1h"]'), server=with_default_route("upstream")
+    )
 
-    send(gateway.port, "a@example.org",
-         ["ok@example.com", "gone@example.com", "full@example.com"])
+    send(gateway.port, "a@example.org", ["ok@example.com", "gone@example.com", "full@example.com"])
 
     gateway.wait_for_state("ok@example.com", "delivered")
     failed = gateway.wait_for_state("gone@example.com", "failed")
@@ -180,8 +191,9 @@ def test_refused_connection_is_deferred_then_delivered(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     port = free_port()  # nothing listens here yet
-    gateway = gateway_factory(relay_config(port, retry='["1s"]'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(port, retry='["1s"]'), server=with_default_route("upstream")
+    )
 
     send(gateway.port, "a@example.org", ["b@example.com"])
     deferred = gateway.wait_for_state("b@example.com", "deferred")
@@ -197,8 +209,9 @@ def test_421_greeting_is_deferred_then_delivered(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     busy = upstreams.start_protocol(lambda: RawScript(b"421 4.3.2 Service shutting down\r\n"))
-    gateway = gateway_factory(relay_config(busy.port, retry='["1s"]'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(busy.port, retry='["1s"]'), server=with_default_route("upstream")
+    )
 
     send(gateway.port, "a@example.org", ["b@example.com"])
     deferred = gateway.wait_for_state("b@example.com", "deferred")
@@ -214,24 +227,25 @@ def test_450_to_data_is_deferred_then_delivered_once(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     upstream = upstreams.start(data_replies=["450 4.7.1 greylisted, try again later"])
-    gateway = gateway_factory(relay_config(upstream.port, retry='["1s"]'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(upstream.port, retry='["1s"]'), server=with_default_route("upstream")
+    )
 
     send(gateway.port, "a@example.org", ["b@example.com"])
 
     delivered = gateway.wait_for_state("b@example.com", "delivered")
     assert delivered["attempts"] == 2
     assert len(upstream.messages) == 1
-    assert any(e.get("reply") == "450 4.7.1 greylisted, try again later"
-               for e in gateway.events())
+    assert any(e.get("reply") == "450 4.7.1 greylisted, try again later" for e in gateway.events())
 
 
 def test_connection_dropped_mid_data_is_deferred_then_delivered(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     flaky = upstreams.start_protocol(MidDataDrop)
-    gateway = gateway_factory(relay_config(flaky.port, retry='["1s"]'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(flaky.port, retry='["1s"]'), server=with_default_route("upstream")
+    )
 
     send(gateway.port, "a@example.org", ["b@example.com"])
     deferred = gateway.wait_for_state("b@example.com", "deferred")
@@ -247,8 +261,9 @@ def test_dropped_after_final_dot_is_logged_as_outcome_unknown(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     upstream = upstreams.start(drop_after_data=1)
-    gateway = gateway_factory(relay_config(upstream.port, retry='["1s"]'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(upstream.port, retry='["1s"]'), server=with_default_route("upstream")
+    )
 
     send(gateway.port, "a@example.org", ["b@example.com"])
 
@@ -261,8 +276,9 @@ def test_sigkill_right_after_250_then_restart_delivers_once(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     port = free_port()  # the upstream is down while the gateway accepts
-    gateway = gateway_factory(relay_config(port, retry='["1s"]'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(port, retry='["1s"]'), server=with_default_route("upstream")
+    )
 
     code, reply = send(gateway.port, "a@example.org", ["b@example.com"])
     assert code == 250
@@ -281,8 +297,9 @@ def test_killed_while_sending_is_sent_again_after_restart(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     stalling = upstreams.start(stall_data=True)
-    gateway = gateway_factory(relay_config(stalling.port, retry='["1s"]'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(stalling.port, retry='["1s"]'), server=with_default_route("upstream")
+    )
     send(gateway.port, "a@example.org", ["b@example.com"])
     wait_until(lambda: stalling.handler.connections, what="the delivery to start")
     gateway.wait_for_state("b@example.com", "sending")
@@ -294,16 +311,19 @@ def test_killed_while_sending_is_sent_again_after_restart(
     recipient = gateway.wait_for_state("b@example.com", "delivered")
     assert len(upstream.messages) == 1
     assert recipient["attempts"] == 1  # the interrupted attempt left no result
-    assert any(e["event"] == "released recipients left in flight by a previous run"
-               for e in gateway.events())
+    assert any(
+        e["event"] == "released recipients left in flight by a previous run"
+        for e in gateway.events()
+    )
 
 
 def test_queue_retry_sends_deferred_mail_now_on_a_running_server(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     port = free_port()
-    gateway = gateway_factory(relay_config(port, retry='["1h"]'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(port, retry='["1h"]'), server=with_default_route("upstream")
+    )
     _, reply = send(gateway.port, "a@example.org", ["b@example.com"])
     gateway.wait_for_state("b@example.com", "deferred")
     upstream = upstreams.start(port=port)
@@ -320,8 +340,10 @@ def test_queue_retry_sends_deferred_mail_now_on_a_running_server(
 def test_gives_up_when_the_retry_lifetime_is_over(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
-    gateway = gateway_factory(relay_config(free_port(), retry='["1s"]', give_up_after='"2s"'),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(
+        relay_config(free_port(), retry='["1s"]', give_up_after='"2s"'),
+        server=with_default_route("upstream"),
+    )
     send(gateway.port, "a@example.org", ["b@example.com"])
 
     failed = gateway.wait_for_state("b@example.com", "failed")
@@ -337,7 +359,8 @@ def test_without_config_mail_for_direct_stays_queued_and_queue_says_why(
 
     recipient = wait_until(
         lambda: (r := gateway.recipients().get("b@example.com")) and r["last_reply"] and r,
-        what="the queue to explain why the mail waits")
+        what="the queue to explain why the mail waits",
+    )
     assert recipient["state"] == "queued"
     assert recipient["route"] == "direct"
     assert "direct delivery" in recipient["last_reply"]

@@ -26,15 +26,24 @@ def submit(gateway: Gateway, count: int, recipients_each: int = 1, prefix: str =
     with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as client:
         for n in range(count):
             rcpts = [f"{prefix}{n}-{k}@example.com" for k in range(recipients_each)]
-            refused = client.sendmail("a@example.org", rcpts,
-                                      f"Subject: message {n}\r\n\r\nbody {n}\r\n".encode())
+            refused = client.sendmail(
+                "a@example.org", rcpts, f"Subject: message {n}\r\n\r\nbody {n}\r\n".encode()
+            )
             assert refused == {}
 
 
-def through(gateway_factory: GatewayFactory, upstream: Upstream, relay: str,
-            env: dict[str, str] | None = None, **options: str) -> Gateway:
-    return gateway_factory(relay_config(upstream.port, relay=relay, **options),
-                           server=with_default_route("upstream"), env=env)
+def through(
+    gateway_factory: GatewayFactory,
+    upstream: Upstream,
+    relay: str,
+    env: dict[str, str] | None = None,
+    **options: str,
+) -> Gateway:
+    return gateway_factory(
+        relay_config(upstream.port, relay=relay, **options),
+        server=with_default_route("upstream"),
+        env=env,
+    )
 
 
 def states(gateway: Gateway) -> Counter[str]:
@@ -42,24 +51,35 @@ def states(gateway: Gateway) -> Counter[str]:
 
 
 def all_delivered(gateway: Gateway, count: int, timeout: float = 20.0) -> None:
-    wait_until(lambda: states(gateway)["delivered"] == count, timeout,
-               f"{count} recipients delivered; now {states(gateway)}")
+    wait_until(
+        lambda: states(gateway)["delivered"] == count,
+        timeout,
+        f"{count} recipients delivered; now {states(gateway)}",
+    )
 
 
 # --- TLS and AUTH -------------------------------------------------------------------------
 
 
 def test_starttls_with_a_private_ca_and_auth_from_the_environment(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
-    upstream = upstreams.start(starttls=certificates.server_context,
-                               users={"me@example.org": "s3cret"})
-    gateway = through(gateway_factory, upstream, f"""
+    upstream = upstreams.start(
+        starttls=certificates.server_context, users={"me@example.org": "s3cret"}
+    )
+    gateway = through(
+        gateway_factory,
+        upstream,
+        f"""
         tls = "starttls"
         ca_file = "{certificates.ca_file}"
         username = "me@example.org"
         password_env = "TEST_RELAY_PASSWORD"
-    """, env={"TEST_RELAY_PASSWORD": "s3cret"})
+    """,
+        env={"TEST_RELAY_PASSWORD": "s3cret"},
+    )
 
     submit(gateway, 1)
 
@@ -71,19 +91,24 @@ def test_starttls_with_a_private_ca_and_auth_from_the_environment(
 
 
 def test_implicit_tls_with_auth_from_a_file(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
     tmp_path: Path,
 ) -> None:
-    upstream = upstreams.start(implicit_tls=certificates.server_context,
-                               users={"me": "pa ss"})
+    upstream = upstreams.start(implicit_tls=certificates.server_context, users={"me": "pa ss"})
     secret = tmp_path / "password"
     secret.write_text("pa ss\n")
-    gateway = through(gateway_factory, upstream, f"""
+    gateway = through(
+        gateway_factory,
+        upstream,
+        f"""
         tls = "ssl"
         ca_file = "{certificates.ca_file}"
         username = "me"
         password_file = "{secret}"
-    """)
+    """,
+    )
 
     submit(gateway, 2)
 
@@ -92,7 +117,8 @@ def test_implicit_tls_with_auth_from_a_file(
 
 
 def test_starttls_refuses_plaintext_when_the_server_does_not_offer_it(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start()  # plain SMTP, no STARTTLS
     gateway = through(gateway_factory, upstream, 'tls = "starttls"', retry='["1h"]')
@@ -106,13 +132,20 @@ def test_starttls_refuses_plaintext_when_the_server_does_not_offer_it(
 
 
 def test_untrusted_certificate_defers_and_names_ca_file(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
     upstream = upstreams.start(starttls=certificates.untrusted_context)
-    gateway = through(gateway_factory, upstream, f"""
+    gateway = through(
+        gateway_factory,
+        upstream,
+        f"""
         tls = "starttls"
         ca_file = "{certificates.ca_file}"
-    """, retry='["1h"]')
+    """,
+        retry='["1h"]',
+    )
 
     submit(gateway, 1)
 
@@ -123,13 +156,20 @@ def test_untrusted_certificate_defers_and_names_ca_file(
 
 
 def test_certificate_for_another_name_defers_and_says_so(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
     upstream = upstreams.start(starttls=certificates.misnamed_context)
-    gateway = through(gateway_factory, upstream, f"""
+    gateway = through(
+        gateway_factory,
+        upstream,
+        f"""
         tls = "starttls"
         ca_file = "{certificates.ca_file}"
-    """, retry='["1h"]')
+    """,
+        retry='["1h"]',
+    )
 
     submit(gateway, 1)
 
@@ -139,29 +179,43 @@ def test_certificate_for_another_name_defers_and_says_so(
 
 
 def test_auth_login_when_the_server_offers_only_login(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
-    upstream = upstreams.start(starttls=certificates.server_context, users={"me": "pw"},
-                               auth_mechanisms=("LOGIN",))
-    gateway = through(gateway_factory, upstream, f"""
+    upstream = upstreams.start(
+        starttls=certificates.server_context, users={"me": "pw"}, auth_mechanisms=("LOGIN",)
+    )
+    gateway = through(
+        gateway_factory,
+        upstream,
+        f"""
         tls = "starttls"
         ca_file = "{certificates.ca_file}"
         username = "me"
         password = "pw"
-    """)
+    """,
+    )
     submit(gateway, 1)
     all_delivered(gateway, 1)
     assert any(b"AUTH LOGIN" in read for read in upstream.handler.reads)
 
 
 def test_inline_password_works_but_config_check_warns_and_masks(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
-    gateway = gateway_factory(relay_config(1, relay="""
+    gateway = gateway_factory(
+        relay_config(
+            1,
+            relay="""
         tls = "starttls"
         username = "me"
         password = "hunter2"
-    """), start=False)
+    """,
+        ),
+        start=False,
+    )
     result = gateway.cli("config", "check")
     assert "warning: relays.upstream.password is written in the config file" in result.stderr
     assert "hunter2" not in result.stdout
@@ -169,11 +223,17 @@ def test_inline_password_works_but_config_check_warns_and_masks(
 
 
 def test_auth_over_plaintext_needs_an_explicit_yes(gateway_factory: GatewayFactory) -> None:
-    gateway = gateway_factory(relay_config(1, relay="""
+    gateway = gateway_factory(
+        relay_config(
+            1,
+            relay="""
         tls = "none"
         username = "me"
         password_env = "PW"
-    """), start=False)
+    """,
+        ),
+        start=False,
+    )
     result = gateway.cli("config", "check", check=False)
     assert result.returncode == 2
     assert "would send the password in the clear" in result.stderr
@@ -181,7 +241,9 @@ def test_auth_over_plaintext_needs_an_explicit_yes(gateway_factory: GatewayFacto
 
 
 def test_verify_false_accepts_any_certificate(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
     upstream = upstreams.start(starttls=certificates.untrusted_context)
     gateway = through(gateway_factory, upstream, 'tls = "starttls"\nverify = false')
@@ -190,16 +252,22 @@ def test_verify_false_accepts_any_certificate(
 
 
 def test_wrong_password_defers_names_the_relay_and_does_not_storm(
-    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+    certificates: Certificates,
 ) -> None:
-    upstream = upstreams.start(starttls=certificates.server_context,
-                               users={"me": "right"})
-    gateway = through(gateway_factory, upstream, f"""
+    upstream = upstreams.start(starttls=certificates.server_context, users={"me": "right"})
+    gateway = through(
+        gateway_factory,
+        upstream,
+        f"""
         tls = "starttls"
         ca_file = "{certificates.ca_file}"
         username = "me"
         password = "wrong"
-    """, retry='["1h"]')
+    """,
+        retry='["1h"]',
+    )
 
     submit(gateway, 5)
 
@@ -216,11 +284,13 @@ def test_wrong_password_defers_names_the_relay_and_does_not_storm(
 
 
 def test_password_env_that_is_not_set_stops_startup(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     gateway = gateway_factory(
         relay_config(1, relay='tls = "starttls"\nusername = "me"\npassword_env = "NOPE_PW"'),
-        start=False)
+        start=False,
+    )
     result = gateway.cli("serve", check=False)
     assert result.returncode == 2
     assert "relays.upstream.password_env: $NOPE_PW is not set" in result.stderr
@@ -230,11 +300,11 @@ def test_password_env_that_is_not_set_stops_startup(
 
 
 def test_chunks_reuse_a_connection_then_reconnect_after_a_delay(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start()
-    gateway = through(gateway_factory, upstream,
-                      'tls = "none"\nchunk_size = 3\nchunk_delay = "1s"')
+    gateway = through(gateway_factory, upstream, 'tls = "none"\nchunk_size = 3\nchunk_delay = "1s"')
 
     submit(gateway, 7)
 
@@ -247,7 +317,8 @@ def test_chunks_reuse_a_connection_then_reconnect_after_a_delay(
 
 
 def test_concurrency_caps_the_connections(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start()
     gateway = through(gateway_factory, upstream, 'tls = "none"\nconcurrency = 2')
@@ -258,7 +329,8 @@ def test_concurrency_caps_the_connections(
 
 
 def test_upstream_dropping_mid_chunk_loses_and_repeats_nothing(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(drop_at_mail=3)
     gateway = through(gateway_factory, upstream, 'tls = "none"\nchunk_size = 10')
@@ -271,7 +343,8 @@ def test_upstream_dropping_mid_chunk_loses_and_repeats_nothing(
 
 
 def test_452_too_many_recipients_sends_the_rest_in_another_transaction(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(max_rcpts=2)
     gateway = through(gateway_factory, upstream, 'tls = "none"')
@@ -287,7 +360,8 @@ def test_452_too_many_recipients_sends_the_rest_in_another_transaction(
 
 
 def test_rate_limit_spaces_messages_and_holds_across_a_restart(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start()
     gateway = through(gateway_factory, upstream, 'tls = "none"\nrate = "2/min"')
@@ -305,15 +379,17 @@ def test_rate_limit_spaces_messages_and_holds_across_a_restart(
 
 
 def test_slow_down_reply_backs_off_shows_in_queue_and_recovers(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(data_replies=["421 4.7.0 Too many messages, slow down"])
     gateway = through(gateway_factory, upstream, 'tls = "none"\nconcurrency = 2')
 
     submit(gateway, 1)
 
-    status = wait_until(lambda: gateway.relay_statuses().get("upstream"),
-                        what="the relay to report backing off")
+    status = wait_until(
+        lambda: gateway.relay_statuses().get("upstream"), what="the relay to report backing off"
+    )
     assert status["status"].startswith("backing off:")
     assert "1 of 2 connections" in status["status"]
     assert "421 4.7.0 Too many messages, slow down" in status["status"]
@@ -325,53 +401,60 @@ def test_slow_down_reply_backs_off_shows_in_queue_and_recovers(
 
 
 def test_turbo_pipelines_and_splits_by_max_recipients(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(pipelining=True)
-    gateway = through(gateway_factory, upstream,
-                      'tls = "none"\nturbo = true\nmax_recipients = 100')
+    gateway = through(gateway_factory, upstream, 'tls = "none"\nturbo = true\nmax_recipients = 100')
 
     submit(gateway, 1, recipients_each=250)
 
     all_delivered(gateway, 250)
     assert [len(m.rcpt_tos) for m in upstream.messages] == [100, 100, 50]
-    pipelined = [read for read in upstream.handler.reads
-                 if read.startswith(b"MAIL FROM") and b"RCPT TO" in read]
+    pipelined = [
+        read
+        for read in upstream.handler.reads
+        if read.startswith(b"MAIL FROM") and b"RCPT TO" in read
+    ]
     assert pipelined, "MAIL and RCPT never arrived in one read"
     assert all(read.endswith(b"DATA\r\n") for read in pipelined)
 
 
 def test_without_turbo_commands_go_one_at_a_time(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(pipelining=True)
     gateway = through(gateway_factory, upstream, 'tls = "none"')
     submit(gateway, 1, recipients_each=3)
     all_delivered(gateway, 3)
-    assert not any(b"MAIL FROM" in read and b"RCPT TO" in read
-                   for read in upstream.handler.reads)
+    assert not any(b"MAIL FROM" in read and b"RCPT TO" in read for read in upstream.handler.reads)
 
 
 def test_server_that_stalls_when_pipelined_falls_back_without_loss(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     trap = upstreams.start_trap("stall")
     gateway = gateway_factory(
         relay_config(trap.port, relay='tls = "none"\nturbo = true\ntimeout = "1s"'),
-        server=with_default_route("upstream"))
+        server=with_default_route("upstream"),
+    )
 
     submit(gateway, 2, recipients_each=3)
 
     all_delivered(gateway, 6)
     received = sorted(r for m in trap.messages for r in m.rcpt_tos)
     assert received == sorted(f"r{n}-{k}@example.com" for n in range(2) for k in range(3))
-    assert any(e["event"].startswith("upstream is not safe for pipelining")
-               for e in gateway.events())
+    assert any(
+        e["event"].startswith("upstream is not safe for pipelining") for e in gateway.events()
+    )
     assert "turbo off" in gateway.relay_statuses()["upstream"]["status"]
 
 
 def test_server_that_answers_out_of_step_is_detected(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     trap = upstreams.start_trap("out_of_step")
     gateway = through(gateway_factory, trap, 'tls = "none"\nturbo = true')
@@ -379,8 +462,8 @@ def test_server_that_answers_out_of_step_is_detected(
     submit(gateway, 1, recipients_each=2)
 
     all_delivered(gateway, 2)
-    assert [sorted(m.rcpt_tos) for m in trap.messages] == [
-        ["r0-0@example.com", "r0-1@example.com"]]
-    warning = next(e for e in gateway.events()
-                   if e["event"].startswith("upstream is not safe for pipelining"))
+    assert [sorted(m.rcpt_tos) for m in trap.messages] == [["r0-0@example.com", "r0-1@example.com"]]
+    warning = next(
+        e for e in gateway.events() if e["event"].startswith("upstream is not safe for pipelining")
+    )
     assert "does not answer" in warning["reason"]

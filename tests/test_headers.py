@@ -25,10 +25,7 @@ def test_control_fields_are_removed_and_returned() -> None:
     )
     stripped, controls = split_controls(content)
     assert stripped == (
-        b"From: Ann <ann@example.com>\r\n"
-        b"To: bob@example.org\r\n"
-        b"Subject: hi\r\n"
-        b"\r\n" + BODY
+        b"From: Ann <ann@example.com>\r\nTo: bob@example.org\r\nSubject: hi\r\n\r\n" + BODY
     )
     assert controls == {"route": "corp", "job": "weekly-news"}
 
@@ -82,12 +79,7 @@ def test_body_is_untouched_even_when_it_looks_like_a_control_header() -> None:
 
 
 def test_first_occurrence_wins() -> None:
-    content = (
-        b"X-Smtpgate-Route: first\r\n"
-        b"Subject: s\r\n"
-        b"X-SMTPGATE-ROUTE: second\r\n"
-        b"\r\nbody\r\n"
-    )
+    content = b"X-Smtpgate-Route: first\r\nSubject: s\r\nX-SMTPGATE-ROUTE: second\r\n\r\nbody\r\n"
     stripped, controls = split_controls(content)
     assert stripped == b"Subject: s\r\n\r\nbody\r\n"  # both copies removed
     assert controls == {"route": "first"}

@@ -52,7 +52,7 @@ def messages_in_queue(gateway: object) -> int:
 
 
 def test_ehlo_advertises_the_extensions(gateway_factory: GatewayFactory) -> None:
-    gateway = gateway_factory(server="max_message_size = \"1MB\"\n")
+    gateway = gateway_factory(server='max_message_size = "1MB"\n')
     with smtplib.SMTP("127.0.0.1", gateway.port) as client:
         code, _ = client.ehlo("client.test")
         assert code == 250
@@ -91,8 +91,9 @@ def test_oversize_message_is_refused_with_552_and_not_stored(
         # Not declared, but too big when it arrives:
         client.mail("a@example.org")
         client.rcpt("b@example.com")
-        code, reply = client.data(b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" * 20
-                                  + (b"y" * 500 + b"\r\n") * 30)
+        code, reply = client.data(
+            b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" * 20 + (b"y" * 500 + b"\r\n") * 30
+        )
         assert (code, reply[:5]) == (552, b"5.3.4")
         assert b"10240 bytes" in reply
         # The session is still usable afterwards:
@@ -115,7 +116,10 @@ def test_too_many_recipients_get_452_and_the_rest_are_kept(
         assert client.data(b"Subject: s\r\n\r\nb\r\n")[0] == 250
     [message] = gateway.queue()
     assert [r["address"] for r in message["recipients"]] == [
-        "r0@example.com", "r1@example.com", "r2@example.com"]
+        "r0@example.com",
+        "r1@example.com",
+        "r2@example.com",
+    ]
 
 
 def test_overlong_line_is_refused_and_nothing_stored(gateway_factory: GatewayFactory) -> None:
@@ -198,8 +202,9 @@ def test_smtputf8_and_null_sender_are_accepted(gateway_factory: GatewayFactory) 
     gateway = gateway_factory()
     talk = Dialogue(gateway.port)
     talk.send(b"EHLO client.test\r\n")
-    assert talk.send("MAIL FROM:<j\u00f6rg@b\u00fccher.example> SMTPUTF8\r\n".encode()
-                     ).startswith("250")
+    assert talk.send("MAIL FROM:<j\u00f6rg@b\u00fccher.example> SMTPUTF8\r\n".encode()).startswith(
+        "250"
+    )
     assert talk.send("RCPT TO:<\u00e4nne@example.com>\r\n".encode()).startswith("250")
     talk.send(b"DATA\r\n")
     assert talk.send(b"Subject: utf8\r\n\r\nb\r\n.\r\n").startswith("250 2.0.0")
@@ -228,7 +233,8 @@ class FullDiskSpool(SqliteSpool):
 async def _one_transaction(config: Config, handler: Handler) -> tuple[int, str]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        protocol_factory(config, handler, Connections(10)), "127.0.0.1", 0)
+        protocol_factory(config, handler, Connections(10)), "127.0.0.1", 0
+    )
     port = server.sockets[0].getsockname()[1]
     try:
         client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
@@ -246,11 +252,10 @@ async def _one_transaction(config: Config, handler: Handler) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("fault", ["router raises", "disk full"])
-def test_faults_inside_smtpgate_answer_451_without_leaking(
-    tmp_path: Path, fault: str
-) -> None:
-    config = Config.model_validate({"server": {"state_dir": str(tmp_path),
-                                               "hostname": "gateway.test"}})
+def test_faults_inside_smtpgate_answer_451_without_leaking(tmp_path: Path, fault: str) -> None:
+    config = Config.model_validate(
+        {"server": {"state_dir": str(tmp_path), "hostname": "gateway.test"}}
+    )
 
     async def scenario() -> tuple[int, str]:
         spool_class = FullDiskSpool if fault == "disk full" else SqliteSpool

@@ -45,10 +45,12 @@ def take(reader: ReplyReader, count: int) -> list[Reply]:
 
 # --- ReplyReader ------------------------------------------------------------------------
 
-STREAM = (b"250 2.1.0 Sender ok\r\n"
-          b"250-2.1.5 first line\r\n250-second line\r\n250 2.1.5 Recipient ok\r\n"
-          b"550 5.1.1 No such user\r\n"
-          b"354 End data with <CR><LF>.<CR><LF>\r\n")
+STREAM = (
+    b"250 2.1.0 Sender ok\r\n"
+    b"250-2.1.5 first line\r\n250-second line\r\n250 2.1.5 Recipient ok\r\n"
+    b"550 5.1.1 No such user\r\n"
+    b"354 End data with <CR><LF>.<CR><LF>\r\n"
+)
 STREAM_REPLIES = [
     Reply(250, "2.1.0 Sender ok"),
     Reply(250, "2.1.5 first line\nsecond line\n2.1.5 Recipient ok"),
@@ -64,8 +66,11 @@ def test_a_reply_split_in_the_middle_of_a_line() -> None:
 
 def test_several_replies_in_one_chunk_come_out_in_order() -> None:
     reader = fed(b"250 2.1.0 Ok\r\n251 2.1.5 Forwarding\r\n354 Go ahead\r\n")
-    assert take(reader, 3) == [Reply(250, "2.1.0 Ok"), Reply(251, "2.1.5 Forwarding"),
-                               Reply(354, "Go ahead")]
+    assert take(reader, 3) == [
+        Reply(250, "2.1.0 Ok"),
+        Reply(251, "2.1.5 Forwarding"),
+        Reply(354, "Go ahead"),
+    ]
 
 
 def test_a_multi_line_reply_is_one_reply() -> None:
@@ -87,7 +92,7 @@ def test_a_multi_line_reply_split_between_its_lines_waits_for_the_last() -> None
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 22, 64, len(STREAM)])
 def test_any_fragmentation_gives_the_same_replies(size: int) -> None:
-    reader = fed(*(STREAM[i:i + size] for i in range(0, len(STREAM), size)))
+    reader = fed(*(STREAM[i : i + size] for i in range(0, len(STREAM), size)))
     assert take(reader, len(STREAM_REPLIES)) == STREAM_REPLIES
 
 
@@ -126,8 +131,7 @@ def test_a_malformed_line_breaks_the_pipeline() -> None:
     assert reader.lost
 
 
-@pytest.mark.parametrize("line", [b"hello\r\n", b"25 short\r\n", b"250x no separator\r\n",
-                                  b"\r\n"])
+@pytest.mark.parametrize("line", [b"hello\r\n", b"25 short\r\n", b"250x no separator\r\n", b"\r\n"])
 def test_replies_before_a_malformed_line_are_still_returned(line: bytes) -> None:
     reader = fed(b"250 2.1.0 Ok\r\n" + line + b"250 2.1.5 Ok\r\n")
     assert take(reader, 1) == [Reply(250, "2.1.0 Ok")]
@@ -208,8 +212,7 @@ def test_many_short_replies_in_one_chunk_are_not_one_long_reply() -> None:
     reply = b"250 2.1.5 Recipient <someone@example.org> ok\r\n"
     count = MAX_REPLY_BYTES // len(reply) + 1  # each reply is tiny; together over 64 KiB
     reader = fed(reply * count)
-    assert take(reader, count) == [Reply(250, "2.1.5 Recipient <someone@example.org> ok")] \
-        * count
+    assert take(reader, count) == [Reply(250, "2.1.5 Recipient <someone@example.org> ok")] * count
 
 
 # --- borrowed ---------------------------------------------------------------------------
@@ -266,25 +269,36 @@ def test_bare_line_ends_become_crlf() -> None:
 
 
 def test_a_missing_final_line_end_is_added() -> None:
-    assert dot_stuffed(b"Subject: x\r\n\r\nno newline") == \
-        b"Subject: x\r\n\r\nno newline\r\n.\r\n"
+    assert dot_stuffed(b"Subject: x\r\n\r\nno newline") == b"Subject: x\r\n\r\nno newline\r\n.\r\n"
 
 
 def test_leading_dots_are_doubled_on_every_line() -> None:
     content = b".first\r\nmiddle.dot\r\n.\r\n..two\n.bare-lf\r.bare-cr\r\n"
-    assert dot_stuffed(content) == (b"..first\r\nmiddle.dot\r\n..\r\n...two\r\n..bare-lf\r\n"
-                                    b"..bare-cr\r\n.\r\n")
+    assert dot_stuffed(content) == (
+        b"..first\r\nmiddle.dot\r\n..\r\n...two\r\n..bare-lf\r\n..bare-cr\r\n.\r\n"
+    )
 
 
 def test_a_line_with_a_single_dot_does_not_end_the_message() -> None:
     assert dot_stuffed(b".") == b"..\r\n.\r\n"
-    assert dot_stuffed(b"Subject: x\r\n\r\nbefore\r\n.\r\nafter\r\n") == \
-        b"Subject: x\r\n\r\nbefore\r\n..\r\nafter\r\n.\r\n"
+    assert (
+        dot_stuffed(b"Subject: x\r\n\r\nbefore\r\n.\r\nafter\r\n")
+        == b"Subject: x\r\n\r\nbefore\r\n..\r\nafter\r\n.\r\n"
+    )
 
 
-@pytest.mark.parametrize("content", [
-    b"", b".", b"\r\n.\r\n", b"a\n.\nb", b"x\r.\ry", b"...\n\n\r\r", b"line\r\n" * 3,
-])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        b".",
+        b"\r\n.\r\n",
+        b"a\n.\nb",
+        b"x\r.\ry",
+        b"...\n\n\r\r",
+        b"line\r\n" * 3,
+    ],
+)
 def test_the_end_of_data_marker_is_only_at_the_end(content: bytes) -> None:
     payload = dot_stuffed(content)
     assert payload.endswith(b"\r\n.\r\n")
@@ -302,21 +316,35 @@ RCPT = b"RCPT TO:<b@example.org>\r\n"
 DATA = b"DATA\r\n"
 
 
-@pytest.mark.parametrize(("command", "code", "expected"), [
-    (DATA, 354, True),
-    (MAIL, 354, False),
-    (RCPT, 354, False),
-    (DATA, 250, False),
-    (DATA, 221, False),
-    (MAIL, 250, True),
-    (RCPT, 250, True),
-    (RCPT, 251, True),
-    (MAIL, 421, True), (RCPT, 450, True), (RCPT, 452, True), (DATA, 451, True),
-    (MAIL, 550, True), (RCPT, 553, True), (DATA, 554, True), (DATA, 503, True),
-    (MAIL, 334, False), (RCPT, 334, False), (DATA, 334, False),
-    (MAIL, 150, False), (RCPT, 199, False), (DATA, 150, False),
-    (RCPT, 600, False), (DATA, 600, False),
-])
+@pytest.mark.parametrize(
+    ("command", "code", "expected"),
+    [
+        (DATA, 354, True),
+        (MAIL, 354, False),
+        (RCPT, 354, False),
+        (DATA, 250, False),
+        (DATA, 221, False),
+        (MAIL, 250, True),
+        (RCPT, 250, True),
+        (RCPT, 251, True),
+        (MAIL, 421, True),
+        (RCPT, 450, True),
+        (RCPT, 452, True),
+        (DATA, 451, True),
+        (MAIL, 550, True),
+        (RCPT, 553, True),
+        (DATA, 554, True),
+        (DATA, 503, True),
+        (MAIL, 334, False),
+        (RCPT, 334, False),
+        (DATA, 334, False),
+        (MAIL, 150, False),
+        (RCPT, 199, False),
+        (DATA, 150, False),
+        (RCPT, 600, False),
+        (DATA, 600, False),
+    ],
+)
 def test_fits(command: bytes, code: int, expected: bool) -> None:
     assert fits(command, Reply(code, "text")) is expected
 
@@ -324,35 +352,42 @@ def test_fits(command: bytes, code: int, expected: bool) -> None:
 # --- asks_to_slow_down ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reply", [
-    "421 4.7.0 Try again later, closing connection",
-    "421 4.3.2 Service shutting down",  # any 421 closes the session
-    "421 mx.example.org Service not available",
-    "451 4.7.1 Too many messages",
-    "450 4.7.0 rate limit exceeded",
-    "451 4.7.1 Please SLOW DOWN",
-    "450 4.7.1 Throttled: try again later",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "421 4.7.0 Try again later, closing connection",
+        "421 4.3.2 Service shutting down",  # any 421 closes the session
+        "421 mx.example.org Service not available",
+        "451 4.7.1 Too many messages",
+        "450 4.7.0 rate limit exceeded",
+        "451 4.7.1 Please SLOW DOWN",
+        "450 4.7.1 Throttled: try again later",
+    ],
+)
 def test_asks_to_slow_down(reply: str) -> None:
     assert asks_to_slow_down(reply)
 
 
-@pytest.mark.parametrize("reply", [
-    "450 4.2.1 mailbox busy",
-    "550 5.7.1 too many",  # permanent: not a request to slow down
-    "452 4.5.3 Too many recipients",  # not 4.7.x: the next transaction takes them
-    "451 4.3.0 Too many messages in the queue",  # not 4.7.x
-    "450 4.7.1 Client host rejected: cannot find your hostname",  # 4.7.x, not volume
-    "250 2.0.0 Ok: queued as ABC, rate limit not reached",
-    "",
-])
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "450 4.2.1 mailbox busy",
+        "550 5.7.1 too many",  # permanent: not a request to slow down
+        "452 4.5.3 Too many recipients",  # not 4.7.x: the next transaction takes them
+        "451 4.3.0 Too many messages in the queue",  # not 4.7.x
+        "450 4.7.1 Client host rejected: cannot find your hostname",  # 4.7.x, not volume
+        "250 2.0.0 Ok: queued as ABC, rate limit not reached",
+        "",
+    ],
+)
 def test_does_not_ask_to_slow_down(reply: str) -> None:
     assert not asks_to_slow_down(reply)
 
 
 def test_a_policy_refusal_mentioning_corporate_is_not_a_slow_down() -> None:
     assert not asks_to_slow_down(
-        "450 4.7.1 <bob@example.com>: Recipient address rejected: blocked by corporate policy")
+        "450 4.7.1 <bob@example.com>: Recipient address rejected: blocked by corporate policy"
+    )
 
 
 # --- explain_connect_error --------------------------------------------------------------
@@ -381,7 +416,8 @@ def untrusted_certificate_error() -> ssl.SSLCertVerificationError:
 def connect_error_from(cause: BaseException) -> aiosmtplib.SMTPConnectError:
     try:
         raise aiosmtplib.SMTPConnectError(
-            "Error connecting to mail.example.org on port 465") from cause
+            "Error connecting to mail.example.org on port 465"
+        ) from cause
     except aiosmtplib.SMTPConnectError as error:
         return error
 

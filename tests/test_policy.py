@@ -84,8 +84,8 @@ def test_exposed_listener_with_only_loopback_trusted_is_refused(listen: str) -> 
 
 
 @pytest.mark.parametrize(
-    "trusted", [["127.0.0.0/8", "172.16.0.0/12"], ["192.168.0.0/16"], ["fd00::/8"],
-                ["203.0.113.0/24"]]
+    "trusted",
+    [["127.0.0.0/8", "172.16.0.0/12"], ["192.168.0.0/16"], ["fd00::/8"], ["203.0.113.0/24"]],
 )
 def test_exposed_listener_with_a_remote_trusted_network_starts(trusted: list[str]) -> None:
     refuse_open_relay(config(listen=["0.0.0.0:2525"], trusted_networks=trusted))
@@ -98,6 +98,5 @@ def test_trusting_the_internet_is_an_open_relay(trusted: str) -> None:
     # Refused whatever the listener: even on loopback it is a mistake waiting to happen.
     for listen in (["127.0.0.1:2525"], ["0.0.0.0:2525"]):
         with pytest.raises(ConfigError, match="open relay") as caught:
-            refuse_open_relay(config(listen=listen,
-                                     trusted_networks=["127.0.0.0/8", trusted]))
+            refuse_open_relay(config(listen=listen, trusted_networks=["127.0.0.0/8", trusted]))
         assert trusted in str(caught.value)

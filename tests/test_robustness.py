@@ -19,14 +19,18 @@ from test_listener import Dialogue
 
 
 def test_sigterm_during_a_stalled_delivery_stops_and_the_restart_sends_it(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     stalling = upstreams.start(stall_data=True)
-    gateway = gateway_factory(relay_config(stalling.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(relay_config(stalling.port), server=with_default_route("upstream"))
     talk = Dialogue(gateway.port)
-    for command in (b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n",
-                    b"RCPT TO:<b@example.com>\r\n", b"DATA\r\n"):
+    for command in (
+        b"EHLO c.test\r\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"RCPT TO:<b@example.com>\r\n",
+        b"DATA\r\n",
+    ):
         talk.send(command)
     assert talk.send(b"Subject: s\r\n\r\nb\r\n.\r\n").startswith("250")
     talk.close()
@@ -44,11 +48,11 @@ def test_sigterm_during_a_stalled_delivery_stops_and_the_restart_sends_it(
 
 
 def test_a_spool_locked_by_another_process_delays_but_does_not_stop_delivery(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start()
-    gateway = gateway_factory(relay_config(upstream.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(relay_config(upstream.port), server=with_default_route("upstream"))
     blocker = sqlite3.connect(gateway.state_dir / "spool.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # longer than the gateway's 10 s busy timeout
     time.sleep(12)
@@ -56,14 +60,19 @@ def test_a_spool_locked_by_another_process_delays_but_does_not_stop_delivery(
     blocker.close()
 
     talk = Dialogue(gateway.port)
-    for command in (b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n",
-                    b"RCPT TO:<b@example.com>\r\n", b"DATA\r\n"):
+    for command in (
+        b"EHLO c.test\r\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"RCPT TO:<b@example.com>\r\n",
+        b"DATA\r\n",
+    ):
         talk.send(command)
     assert talk.send(b"Subject: s\r\n\r\nb\r\n.\r\n").startswith("250")
     talk.close()
     wait_until(lambda: upstream.messages, timeout=15, what="delivery after the lock")
-    assert any(e["event"] == "cannot read due work from the spool; trying again"
-               for e in gateway.events())
+    assert any(
+        e["event"] == "cannot read due work from the spool; trying again" for e in gateway.events()
+    )
 
 
 def test_slow_steady_upload_is_not_cut_off_by_the_idle_timer(
@@ -71,8 +80,11 @@ def test_slow_steady_upload_is_not_cut_off_by_the_idle_timer(
 ) -> None:
     gateway = gateway_factory(server='idle_timeout = "1s"\n')
     talk = Dialogue(gateway.port)
-    for command in (b"EHLO c.test\r\n", b"MAIL FROM:<a@example.org>\r\n",
-                    b"RCPT TO:<b@example.com>\r\n"):
+    for command in (
+        b"EHLO c.test\r\n",
+        b"MAIL FROM:<a@example.org>\r\n",
+        b"RCPT TO:<b@example.com>\r\n",
+    ):
         talk.send(command)
     assert talk.send(b"DATA\r\n").startswith("354")
     for n in range(6):  # 2.4 s of DATA, never 1 s silent
@@ -100,8 +112,7 @@ def test_addresses_that_cannot_go_on_are_refused_at_the_command(
     gateway = gateway_factory()
     talk = Dialogue(gateway.port)
     talk.send(b"EHLO c.test\r\n")
-    assert talk.send("MAIL FROM:<j\u00f6rg@example.org>\r\n".encode()).startswith(
-        "553 5.6.7")
+    assert talk.send("MAIL FROM:<j\u00f6rg@example.org>\r\n".encode()).startswith("553 5.6.7")
     assert talk.send(b"MAIL FROM:<a@example.org>\r\n").startswith("250")
     assert talk.send("RCPT TO:<\u00e4nne@example.com>\r\n".encode()).startswith("553 5.6.7")
     talk.send(b"RSET\r\n")
@@ -112,11 +123,11 @@ def test_addresses_that_cannot_go_on_are_refused_at_the_command(
 
 
 def test_smtputf8_flag_with_ascii_addresses_reaches_an_upstream_without_it(
-    gateway_factory: GatewayFactory, upstreams: Upstreams,
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(smtputf8=False)
-    gateway = gateway_factory(relay_config(upstream.port),
-                              server=with_default_route("upstream"))
+    gateway = gateway_factory(relay_config(upstream.port), server=with_default_route("upstream"))
     talk = Dialogue(gateway.port)
     talk.send(b"EHLO c.test\r\n")
     talk.send(b"MAIL FROM:<a@example.org> SMTPUTF8\r\n")

@@ -9,8 +9,12 @@ import pytest
 from smtpgate.config import Config
 from smtpgate.router import Envelope, Router, domain_of
 
-ROUTES = {"corp": {"mode": "direct"}, "bulk": {"mode": "direct"}, "lan": {"mode": "direct"},
-          "fallback": {"mode": "direct"}}
+ROUTES = {
+    "corp": {"mode": "direct"},
+    "bulk": {"mode": "direct"},
+    "lan": {"mode": "direct"},
+    "fallback": {"mode": "direct"},
+}
 
 
 def router(*rules: dict[str, Any], default: str = "fallback") -> Router:
@@ -95,7 +99,8 @@ def test_recipients_of_one_message_may_take_different_routes() -> None:
     r = router({"route": "corp", "recipient_domain": "example.com"})
     sent = envelope()
     assert [r.route(sent, rcpt) for rcpt in ("a@example.com", "b@example.org")] == [
-        "corp", "fallback",
+        "corp",
+        "fallback",
     ]
 
 
@@ -113,8 +118,9 @@ def test_recipients_of_one_message_may_take_different_routes() -> None:
     ],
 )
 def test_client_network(client: str | None, route: str) -> None:
-    r = router({"route": "lan", "client": ["10.0.0.0/8", "192.168.0.0/16", "fd00::/8",
-                                           "fe80::/10"]})
+    r = router(
+        {"route": "lan", "client": ["10.0.0.0/8", "192.168.0.0/16", "fd00::/8", "fe80::/10"]}
+    )
     assert r.route(envelope(client=client), "bob@example.org") == route
 
 
@@ -174,14 +180,19 @@ def test_falls_through_non_matching_rules_to_a_later_one() -> None:
         {"route": "corp", "sender": "*@corp.example.com", "recipient_domain": "example.org"},
         {"route": "lan", "client": "10.0.0.0/8"},
     )
-    assert r.route(envelope(sender="x@corp.example.com", client="10.0.0.1"),
-                   "bob@example.net") == "lan"
+    assert (
+        r.route(envelope(sender="x@corp.example.com", client="10.0.0.1"), "bob@example.net")
+        == "lan"
+    )
 
 
 @pytest.mark.parametrize(
     ("address", "domain"),
-    [("bob@Example.ORG", "example.org"), ("bob@example.org.", "example.org"),
-     ('"a@b"@example.org', "example.org")],
+    [
+        ("bob@Example.ORG", "example.org"),
+        ("bob@example.org.", "example.org"),
+        ('"a@b"@example.org', "example.org"),
+    ],
 )
 def test_domain_of(address: str, domain: str) -> None:
     assert domain_of(address) == domain

@@ -68,9 +68,14 @@ def message(
     rcpts = [
         NewRecipient(r, "corp") if isinstance(r, str) else NewRecipient(*r) for r in recipients
     ]
-    return NewMessage(sender=sender, recipients=rcpts, content=content,
-                      client_address="127.0.0.1", helo="client.example.net",
-                      received_at=received_at)
+    return NewMessage(
+        sender=sender,
+        recipients=rcpts,
+        content=content,
+        client_address="127.0.0.1",
+        helo="client.example.net",
+        received_at=received_at,
+    )
 
 
 async def view(spool: Spool, queue_id: str) -> MessageView:
@@ -84,8 +89,9 @@ async def states(spool: Spool, queue_id: str) -> dict[str, RecipientState]:
 
 
 def leased(deliveries: list[Delivery]) -> set[tuple[str, str, tuple[str, ...]]]:
-    return {(d.queue_id, d.route, tuple(sorted(r.address for r in d.recipients)))
-            for d in deliveries}
+    return {
+        (d.queue_id, d.route, tuple(sorted(r.address for r in d.recipients))) for d in deliveries
+    }
 
 
 class TestSpoolContract:
@@ -102,8 +108,9 @@ class TestSpoolContract:
             assert shown.received_at == T0
             assert shown.client_address == "127.0.0.1"
             assert shown.helo == "client.example.net"
-            assert [(r.address, r.route, r.state, r.attempts, r.last_reply)
-                    for r in shown.recipients] == [
+            assert [
+                (r.address, r.route, r.state, r.attempts, r.last_reply) for r in shown.recipients
+            ] == [
                 ("a@example.org", "corp", RecipientState.QUEUED, 0, None),
                 ("b@example.org", "corp", RecipientState.QUEUED, 0, None),
                 ("c@example.com", "direct", RecipientState.QUEUED, 0, None),
@@ -120,8 +127,11 @@ class TestSpoolContract:
         asyncio.run(scenario())
 
     def test_content_is_kept_byte_for_byte(self, spool: Spool) -> None:
-        raw = (b"Subject: =?x?q?\xff?=\r\nX-Raw: \xe9\xe8\x00\x80\r\n\r\n"
-               + bytes(range(256)) + b"\r\n.\r\n..\r\n")
+        raw = (
+            b"Subject: =?x?q?\xff?=\r\nX-Raw: \xe9\xe8\x00\x80\r\n\r\n"
+            + bytes(range(256))
+            + b"\r\n.\r\n..\r\n"
+        )
 
         async def scenario() -> None:
             queue_id = await spool.store(message("a@example.org", content=raw))
@@ -134,10 +144,15 @@ class TestSpoolContract:
 
     def test_lease_takes_only_due_recipients_of_the_named_routes(self, spool: Spool) -> None:
         async def scenario() -> None:
-            early = await spool.store(message(
-                "a@example.org", "b@example.org", ("c@example.com", "direct"),
-                ("d@example.com", "bulk"), received_at=T0,
-            ))
+            early = await spool.store(
+                message(
+                    "a@example.org",
+                    "b@example.org",
+                    ("c@example.com", "direct"),
+                    ("d@example.com", "bulk"),
+                    received_at=T0,
+                )
+            )
             later = await spool.store(message("e@example.org", received_at=T0 + 100))
 
             deliveries = await spool.lease_due(["corp", "direct"], T0 + 50, 100)
@@ -195,22 +210,36 @@ class TestSpoolContract:
     def test_record_moves_states_and_counts_attempts(self, spool: Spool) -> None:
         async def scenario() -> None:
             queue_id = await spool.store(
-                message("ok@example.org", "later@example.org", "bad@example.org",
-                        "cancelled@example.org")
+                message(
+                    "ok@example.org",
+                    "later@example.org",
+                    "bad@example.org",
+                    "cancelled@example.org",
+                )
             )
             (delivery,) = await spool.lease_due(["corp"], T0, 10)
             ids = {r.address: r.id for r in delivery.recipients}
             now = T0 + 5
             await spool.record(
                 [
-                    RecipientUpdate(ids["ok@example.org"], RecipientState.DELIVERED,
-                                    "250 2.0.0 Ok: queued as X"),
-                    RecipientUpdate(ids["later@example.org"], RecipientState.DEFERRED,
-                                    "451 4.3.0 try later", next_attempt=now + 300),
-                    RecipientUpdate(ids["bad@example.org"], RecipientState.FAILED,
-                                    "550 5.1.1 no such user"),
-                    RecipientUpdate(ids["cancelled@example.org"], RecipientState.CANCELLED,
-                                    "cancelled by the operator", counts_as_attempt=False),
+                    RecipientUpdate(
+                        ids["ok@example.org"], RecipientState.DELIVERED, "250 2.0.0 Ok: queued as X"
+                    ),
+                    RecipientUpdate(
+                        ids["later@example.org"],
+                        RecipientState.DEFERRED,
+                        "451 4.3.0 try later",
+                        next_attempt=now + 300,
+                    ),
+                    RecipientUpdate(
+                        ids["bad@example.org"], RecipientState.FAILED, "550 5.1.1 no such user"
+                    ),
+                    RecipientUpdate(
+                        ids["cancelled@example.org"],
+                        RecipientState.CANCELLED,
+                        "cancelled by the operator",
+                        counts_as_attempt=False,
+                    ),
                 ],
                 now,
             )
@@ -219,8 +248,7 @@ class TestSpoolContract:
                 "ok@example.org": (RecipientState.DELIVERED, 1, "250 2.0.0 Ok: queued as X"),
                 "later@example.org": (RecipientState.DEFERRED, 1, "451 4.3.0 try later"),
                 "bad@example.org": (RecipientState.FAILED, 1, "550 5.1.1 no such user"),
-                "cancelled@example.org": (RecipientState.CANCELLED, 0,
-                                          "cancelled by the operator"),
+                "cancelled@example.org": (RecipientState.CANCELLED, 0, "cancelled by the operator"),
             }
             assert shown["later@example.org"].next_attempt == now + 300
             assert all(r.updated_at == now for r in shown.values())
@@ -228,13 +256,16 @@ class TestSpoolContract:
             # The deferred one comes back when due, and only then, with its attempt count.
             assert await spool.lease_due(["corp"], now + 299, 10) == []
             (again,) = await spool.lease_due(["corp"], now + 300, 10)
-            assert [(r.address, r.attempts) for r in again.recipients] == [
-                ("later@example.org", 1)
-            ]
-            await spool.record([RecipientUpdate(again.recipients[0].id,
-                                                RecipientState.DELIVERED, "250 ok")], now + 301)
-            later = next(r for r in (await view(spool, queue_id)).recipients
-                         if r.address == "later@example.org")
+            assert [(r.address, r.attempts) for r in again.recipients] == [("later@example.org", 1)]
+            await spool.record(
+                [RecipientUpdate(again.recipients[0].id, RecipientState.DELIVERED, "250 ok")],
+                now + 301,
+            )
+            later = next(
+                r
+                for r in (await view(spool, queue_id)).recipients
+                if r.address == "later@example.org"
+            )
             assert (later.state, later.attempts) == (RecipientState.DELIVERED, 2)
 
         asyncio.run(scenario())
@@ -245,8 +276,10 @@ class TestSpoolContract:
             queue_id = await spool.store(message("a@example.org"))
             (delivery,) = await spool.lease_due(["corp"], T0, 10)
             assert await spool.release_leases(T0 + 1) == 1
-            await spool.record([RecipientUpdate(delivery.recipients[0].id,
-                                                RecipientState.DELIVERED, "250 late")], T0 + 2)
+            await spool.record(
+                [RecipientUpdate(delivery.recipients[0].id, RecipientState.DELIVERED, "250 late")],
+                T0 + 2,
+            )
             (shown,) = (await view(spool, queue_id)).recipients
             assert (shown.state, shown.attempts) == (RecipientState.QUEUED, 0)
 
@@ -254,8 +287,9 @@ class TestSpoolContract:
 
     def test_release_leases_requeues_what_was_sending(self, spool: Spool) -> None:
         async def scenario() -> None:
-            queue_id = await spool.store(message("a@example.org", "b@example.org",
-                                                 ("c@example.com", "direct")))
+            queue_id = await spool.store(
+                message("a@example.org", "b@example.org", ("c@example.com", "direct"))
+            )
             await spool.lease_due(["corp"], T0, 10)
             assert await spool.release_leases(T0 + 60) == 2
             shown = {r.address: r for r in (await view(spool, queue_id)).recipients}
@@ -279,8 +313,11 @@ class TestSpoolContract:
             deliveries = await spool.lease_due(["corp"], T0 + 1, 10)
             later = T0 + 86400
             await spool.record(
-                [RecipientUpdate(r.id, RecipientState.DEFERRED, "421 busy", next_attempt=later)
-                 for d in deliveries for r in d.recipients],
+                [
+                    RecipientUpdate(r.id, RecipientState.DEFERRED, "421 busy", next_attempt=later)
+                    for d in deliveries
+                    for r in d.recipients
+                ],
                 T0 + 2,
             )
             now = T0 + 10
@@ -303,25 +340,29 @@ class TestSpoolContract:
         async def scenario() -> None:
             queue_id = await spool.store(message("a@example.org"))
             (delivery,) = await spool.lease_due(["corp"], T0, 10)
-            await spool.record([RecipientUpdate(delivery.recipients[0].id,
-                                                RecipientState.FAILED, "550 no")], T0)
+            await spool.record(
+                [RecipientUpdate(delivery.recipients[0].id, RecipientState.FAILED, "550 no")], T0
+            )
             assert await spool.retry_now(queue_id, T0 + 1) == 0
             assert await spool.retry_now(None, T0 + 1) == 0
             assert await states(spool, queue_id) == {"a@example.org": RecipientState.FAILED}
 
         asyncio.run(scenario())
 
-    def test_note_waiting_explains_only_unexplained_queued_recipients(
-        self, spool: Spool
-    ) -> None:
+    def test_note_waiting_explains_only_unexplained_queued_recipients(self, spool: Spool) -> None:
         async def scenario() -> None:
-            queue_id = await spool.store(message(
-                "a@example.org", "b@example.org", ("c@example.com", "direct"),
-            ))
+            queue_id = await spool.store(
+                message(
+                    "a@example.org",
+                    "b@example.org",
+                    ("c@example.com", "direct"),
+                )
+            )
             await spool.lease_due(["corp"], T0, 10)
             await spool.release_leases(T0 + 1)  # a and b: queued again, with a reply
-            second = await spool.store(message("d@example.org", "e@example.org",
-                                               received_at=T0 + 2))
+            second = await spool.store(
+                message("d@example.org", "e@example.org", received_at=T0 + 2)
+            )
 
             assert await spool.note_waiting("corp", "relay corp is unreachable") == 2
             assert await spool.note_waiting("corp", "a second reason") == 0
@@ -337,19 +378,24 @@ class TestSpoolContract:
             assert first["c@example.com"] is None  # another route
             assert "outcome unknown" in (first["a@example.org"] or "")  # kept, not replaced
             assert await states(spool, second) == {
-                "d@example.org": RecipientState.QUEUED, "e@example.org": RecipientState.QUEUED,
+                "d@example.org": RecipientState.QUEUED,
+                "e@example.org": RecipientState.QUEUED,
             }
 
         asyncio.run(scenario())
 
     def test_messages_newest_first(self, spool: Spool) -> None:
         async def scenario() -> None:
-            ids = [await spool.store(message(f"r{i}@example.org", received_at=T0 + i))
-                   for i in range(3)]
+            ids = [
+                await spool.store(message(f"r{i}@example.org", received_at=T0 + i))
+                for i in range(3)
+            ]
             assert [m.queue_id for m in await spool.messages()] == ids[::-1]
             assert [m.queue_id for m in await spool.messages(limit=2)] == ids[:0:-1]
             assert [r.address for m in await spool.messages() for r in m.recipients] == [
-                "r2@example.org", "r1@example.org", "r0@example.org",
+                "r2@example.org",
+                "r1@example.org",
+                "r0@example.org",
             ]
 
         asyncio.run(scenario())
@@ -361,10 +407,17 @@ class TestSpoolContract:
                 done = await spool.store(message("a@example.org", "b@example.org"))
                 (delivery,) = await spool.lease_due(["corp"], T0, 10)
                 await spool.record(
-                    [RecipientUpdate(delivery.recipients[0].id, RecipientState.DELIVERED,
-                                     "250 ok"),
-                     RecipientUpdate(delivery.recipients[1].id, RecipientState.DEFERRED,
-                                     "451 later", next_attempt=T0 + 300)],
+                    [
+                        RecipientUpdate(
+                            delivery.recipients[0].id, RecipientState.DELIVERED, "250 ok"
+                        ),
+                        RecipientUpdate(
+                            delivery.recipients[1].id,
+                            RecipientState.DEFERRED,
+                            "451 later",
+                            next_attempt=T0 + 300,
+                        ),
+                    ],
                     T0 + 1,
                 )
                 waiting = await spool.store(message("c@example.org", received_at=T0 + 2))
@@ -376,12 +429,15 @@ class TestSpoolContract:
             spool = backend.open()
             try:
                 shown = {r.address: r for r in (await view(spool, done)).recipients}
-                assert (shown["a@example.org"].state, shown["a@example.org"].attempts,
-                        shown["a@example.org"].last_reply) == (
-                    RecipientState.DELIVERED, 1, "250 ok")
-                assert (shown["b@example.org"].state,
-                        shown["b@example.org"].next_attempt) == (
-                    RecipientState.DEFERRED, T0 + 300)
+                assert (
+                    shown["a@example.org"].state,
+                    shown["a@example.org"].attempts,
+                    shown["a@example.org"].last_reply,
+                ) == (RecipientState.DELIVERED, 1, "250 ok")
+                assert (shown["b@example.org"].state, shown["b@example.org"].next_attempt) == (
+                    RecipientState.DEFERRED,
+                    T0 + 300,
+                )
                 assert await spool.content(done) == CONTENT
                 assert await states(spool, waiting) == {"c@example.org": RecipientState.QUEUED}
                 assert leased(await spool.lease_due(["corp"], T0 + 300, 10)) == {
@@ -399,9 +455,14 @@ class TestSpoolContract:
 
         async def scenario() -> None:
             # What many SMTP sessions ending DATA at once look like: each its own time.
-            messages = [message(f"r{i}@example.org", received_at=T0 + i / 1000,
-                                content=CONTENT + f"{i}\r\n".encode())
-                        for i in range(count)]
+            messages = [
+                message(
+                    f"r{i}@example.org",
+                    received_at=T0 + i / 1000,
+                    content=CONTENT + f"{i}\r\n".encode(),
+                )
+                for i in range(count)
+            ]
             ids = await asyncio.gather(*(spool.store(m) for m in messages))
             assert len(set(ids)) == count
             for i in (0, count // 2, count - 1):

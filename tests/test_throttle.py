@@ -69,8 +69,7 @@ def test_following_wait_time_never_puts_more_than_count_in_any_window() -> None:
     for start in sent:  # every window that starts at a send holds at most 3
         assert sum(1 for t in sent if start <= t < start + rate.window - 1e-9) <= 3
     # ... and the limit is reached, not undercut: 3 more at the start of every second.
-    assert sent[3:] == pytest.approx([1.0, 1.1, 1.2, 2.0, 2.1, 2.2, 3.0, 3.1, 3.2,
-                                      4.0, 4.1, 4.2])
+    assert sent[3:] == pytest.approx([1.0, 1.1, 1.2, 2.0, 2.1, 2.2, 3.0, 3.1, 3.2, 4.0, 4.1, 4.2])
 
 
 def test_with_two_rates_the_longer_one_binds_when_it_is_full() -> None:
@@ -134,8 +133,7 @@ def test_acquire_under_the_limit_does_not_sleep(clock: FakeClock) -> None:
     assert clock.sleeps == []
 
 
-def test_acquire_sleeps_exactly_until_the_oldest_send_leaves_the_window(
-        clock: FakeClock) -> None:
+def test_acquire_sleeps_exactly_until_the_oldest_send_leaves_the_window(clock: FakeClock) -> None:
     limiter = RateLimiter([PER_SECOND_3], history=[100.0, 100.25, 100.5], clock=clock)
     sent_at = asyncio.run(limiter.acquire())
     assert clock.sleeps == [pytest.approx(0.25)]

@@ -30,8 +30,13 @@ class RetryPolicy:
         return self.schedule[min(attempts_before, len(self.schedule) - 1)]
 
     def decide(
-        self, recipient_id: int, outcome: Outcome, *, attempts_before: int,
-        received_at: float, now: float,
+        self,
+        recipient_id: int,
+        outcome: Outcome,
+        *,
+        attempts_before: int,
+        received_at: float,
+        now: float,
     ) -> RecipientUpdate:
         if outcome.verdict is Verdict.DELIVERED:
             return RecipientUpdate(recipient_id, RecipientState.DELIVERED, outcome.reply)
@@ -40,7 +45,8 @@ class RetryPolicy:
         next_attempt = now + self.delay(attempts_before)
         if next_attempt > received_at + self.give_up_after:
             return RecipientUpdate(
-                recipient_id, RecipientState.FAILED,
+                recipient_id,
+                RecipientState.FAILED,
                 f"gave up after {_human(self.give_up_after)} in the queue;"
                 f" last reply: {outcome.reply}",
             )

@@ -130,9 +130,7 @@ class Spool(abc.ABC):
         """Make the message durable and return its queue id. Only then may SMTP say 250."""
 
     @abc.abstractmethod
-    async def lease_due(
-        self, routes: Sequence[str], now: float, limit: int
-    ) -> list[Delivery]:
+    async def lease_due(self, routes: Sequence[str], now: float, limit: int) -> list[Delivery]:
         """Move the due recipients of up to `limit` messages (oldest due first) on these
         routes to `sending`, grouped per message and route."""
 

@@ -119,9 +119,16 @@ class SqliteSpool(Spool):
                 try:
                     db.execute(
                         "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                        (queue_id, message.sender, len(message.content), message.received_at,
-                         message.client_address, message.helo, message.smtputf8,
-                         message.content),
+                        (
+                            queue_id,
+                            message.sender,
+                            len(message.content),
+                            message.received_at,
+                            message.client_address,
+                            message.helo,
+                            message.smtputf8,
+                            message.content,
+                        ),
                     )
                 except sqlite3.IntegrityError:
                     continue
@@ -131,8 +138,17 @@ class SqliteSpool(Spool):
             db.executemany(
                 "INSERT INTO recipients (queue_id, address, route, state, next_attempt,"
                 " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [(queue_id, r.address, r.route, "sending" if r.leased else "queued",
-                  message.received_at, message.received_at) for r in message.recipients],
+                [
+                    (
+                        queue_id,
+                        r.address,
+                        r.route,
+                        "sending" if r.leased else "queued",
+                        message.received_at,
+                        message.received_at,
+                    )
+                    for r in message.recipients
+                ],
             )
             return queue_id
 
@@ -143,8 +159,10 @@ class SqliteSpool(Spool):
             return []
 
         def lease(db: sqlite3.Connection) -> list[Delivery]:
-            due = ("state IN ('queued', 'deferred') AND next_attempt <= ?"
-                   f" AND route IN ({_marks(routes)})")
+            due = (
+                "state IN ('queued', 'deferred') AND next_attempt <= ?"
+                f" AND route IN ({_marks(routes)})"
+            )
             # The oldest-due messages (looking at a bounded window of the due index),
             # then every due recipient of those messages.
             rows = db.execute(
@@ -173,8 +191,17 @@ class SqliteSpool(Spool):
             db.executemany(
                 "UPDATE recipients SET state = ?, last_reply = ?, next_attempt = ?,"
                 " attempts = attempts + ?, updated_at = ? WHERE id = ? AND state = 'sending'",
-                [(u.state.value, u.reply, u.next_attempt, int(u.counts_as_attempt), now,
-                  u.recipient_id) for u in updates],
+                [
+                    (
+                        u.state.value,
+                        u.reply,
+                        u.next_attempt,
+                        int(u.counts_as_attempt),
+                        now,
+                        u.recipient_id,
+                    )
+                    for u in updates
+                ],
             )
 
         await self._writer.submit(write)
@@ -202,15 +229,18 @@ class SqliteSpool(Spool):
 
     async def pending_routes(self) -> set[str]:
         def read(db: sqlite3.Connection) -> set[str]:
-            return {route for (route,) in db.execute(
-                "SELECT DISTINCT route FROM recipients WHERE state IN ('queued', 'deferred')")}
+            return {
+                route
+                for (route,) in db.execute(
+                    "SELECT DISTINCT route FROM recipients WHERE state IN ('queued', 'deferred')"
+                )
+            }
 
         return await self._writer.submit(read, reads_only=True)
 
     async def retry_now(self, queue_id: str | None, now: float) -> int:
         def retry(db: sqlite3.Connection) -> int:
-            sql = ("UPDATE recipients SET next_attempt = ?, updated_at = ?"
-                   " WHERE state = 'deferred'")
+            sql = "UPDATE recipients SET next_attempt = ?, updated_at = ? WHERE state = 'deferred'"
             if queue_id is None:
                 return db.execute(sql, (now, now)).rowcount
             return db.execute(sql + " AND queue_id = ?", (now, now, queue_id)).rowcount
@@ -226,8 +256,12 @@ class SqliteSpool(Spool):
     async def sends_since(self, relay: str, since: float) -> list[float]:
         def read(db: sqlite3.Connection) -> list[float]:
             db.execute("DELETE FROM relay_sends WHERE relay = ? AND at <= ?", (relay, since))
-            return [at for (at,) in db.execute(
-                "SELECT at FROM relay_sends WHERE relay = ? ORDER BY at", (relay,))]
+            return [
+                at
+                for (at,) in db.execute(
+                    "SELECT at FROM relay_sends WHERE relay = ? ORDER BY at", (relay,)
+                )
+            ]
 
         return await self._writer.submit(read)
 
@@ -236,15 +270,20 @@ class SqliteSpool(Spool):
             if status is None:
                 db.execute("DELETE FROM relay_status WHERE relay = ?", (relay,))
             else:
-                db.execute("INSERT OR REPLACE INTO relay_status VALUES (?, ?, ?)",
-                           (relay, status, now))
+                db.execute(
+                    "INSERT OR REPLACE INTO relay_status VALUES (?, ?, ?)", (relay, status, now)
+                )
 
         await self._writer.submit(write)
 
     async def relay_statuses(self) -> dict[str, tuple[str, float]]:
         def read(db: sqlite3.Connection) -> dict[str, tuple[str, float]]:
-            return {relay: (status, at) for relay, status, at in
-                    db.execute("SELECT relay, status, updated_at FROM relay_status")}
+            return {
+                relay: (status, at)
+                for relay, status, at in db.execute(
+                    "SELECT relay, status, updated_at FROM relay_status"
+                )
+            }
 
         return await self._writer.submit(read, reads_only=True)
 
@@ -294,7 +333,7 @@ def _fetch_messages(
     found: dict[str, tuple[str, bytes, bool, float]] = {}
     ids = sorted(queue_ids)
     for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
-        chunk = ids[start:start + 500]
+        chunk = ids[start : start + 500]
         for queue_id, sender, content, smtputf8, received_at in db.execute(
             "SELECT queue_id, sender, content, smtputf8, received_at FROM messages"
             f" WHERE queue_id IN ({_marks(chunk)})",
@@ -309,19 +348,41 @@ def _with_recipients(db: sqlite3.Connection, rows: list[Any]) -> list[MessageVie
     recipients: dict[str, list[RecipientView]] = {row[0]: [] for row in rows}
     ids = list(recipients)
     for start in range(0, len(ids), 500):
-        chunk = ids[start:start + 500]
-        for queue_id, rid, address, route, state, attempts, next_attempt, reply, updated in (
-            db.execute(
-                "SELECT queue_id, id, address, route, state, attempts, next_attempt,"
-                " last_reply, updated_at FROM recipients"
-                f" WHERE queue_id IN ({_marks(chunk)}) ORDER BY id", chunk)
+        chunk = ids[start : start + 500]
+        for (
+            queue_id,
+            rid,
+            address,
+            route,
+            state,
+            attempts,
+            next_attempt,
+            reply,
+            updated,
+        ) in db.execute(
+            "SELECT queue_id, id, address, route, state, attempts, next_attempt,"
+            " last_reply, updated_at FROM recipients"
+            f" WHERE queue_id IN ({_marks(chunk)}) ORDER BY id",
+            chunk,
         ):
-            recipients[queue_id].append(RecipientView(
-                rid, address, route, RecipientState(state), attempts, next_attempt, reply,
-                updated))
-    return [MessageView(queue_id, sender, size, received_at, client_address, helo,
-                        tuple(recipients[queue_id]))
-            for queue_id, sender, size, received_at, client_address, helo in rows]
+            recipients[queue_id].append(
+                RecipientView(
+                    rid,
+                    address,
+                    route,
+                    RecipientState(state),
+                    attempts,
+                    next_attempt,
+                    reply,
+                    updated,
+                )
+            )
+    return [
+        MessageView(
+            queue_id, sender, size, received_at, client_address, helo, tuple(recipients[queue_id])
+        )
+        for queue_id, sender, size, received_at, client_address, helo in rows
+    ]
 
 
 def _take_lock(path: Path) -> int:
@@ -362,8 +423,9 @@ class _Writer:
             self._queue.put(None)
             self._thread.join()
 
-    def submit(self, operation: Callable[[sqlite3.Connection], T], *,
-               reads_only: bool = False) -> asyncio.Future[T]:
+    def submit(
+        self, operation: Callable[[sqlite3.Connection], T], *, reads_only: bool = False
+    ) -> asyncio.Future[T]:
         """Run `operation` in the next transaction. A batch of reads only begins a deferred
         transaction, so `smtpgate queue` in another process never holds up a write."""
         if not self._thread.is_alive():
@@ -387,8 +449,7 @@ class _Writer:
                 f" ({SCHEMA_VERSION}); upgrade smtpgate"
             )
         if version < SCHEMA_VERSION:  # a reader of a current spool writes nothing here
-            db.executescript(
-                f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
         return db
 
     def _run(self) -> None:

@@ -63,7 +63,7 @@ class ReplyReader(asyncio.Protocol):
         lines: list[bytes] = []
         offset = 0
         while (end := self._buffer.find(b"\n", offset)) >= 0:
-            line = bytes(self._buffer[offset:end + 1]).rstrip(b"\r\n")
+            line = bytes(self._buffer[offset : end + 1]).rstrip(b"\r\n")
             offset = end + 1
             if not re.match(rb"^\d{3}([ -]|$)", line):
                 self._lost = PipelineBroken(f"malformed reply line {line[:80]!r}")

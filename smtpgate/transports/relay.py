@@ -35,7 +35,12 @@ IDLE_SECONDS = 5.0  # an idle connection is closed after this (Postfix keeps the
 
 class RelayTransport:
     def __init__(
-        self, name: str, config: RelayConfig, *, helo_name: str, password: str | None,
+        self,
+        name: str,
+        config: RelayConfig,
+        *,
+        helo_name: str,
+        password: str | None,
         ledger: RelayLedger,
     ) -> None:
         self.name = name
@@ -61,8 +66,9 @@ class RelayTransport:
         """Load the send times still inside the rate windows, so limits hold across restarts."""
         if self._config.rate:
             since = time.time() - self._rate.longest_window
-            self._rate = RateLimiter(self._config.rate,
-                                     await self._ledger.sends_since(self.name, since))
+            self._rate = RateLimiter(
+                self._config.rate, await self._ledger.sends_since(self.name, since)
+            )
 
     async def close(self) -> None:
         for session in list(self._idle):
@@ -76,8 +82,8 @@ class RelayTransport:
         if self._config.rate:
             await self._ledger.log_send(self.name, at)
         return await UpstreamSession.open(
-            self._config, helo_name=self._helo_name, context=self._context,
-            password=self._password)
+            self._config, helo_name=self._helo_name, context=self._context, password=self._password
+        )
 
     async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
         started = time.monotonic()
@@ -93,13 +99,21 @@ class RelayTransport:
                 outcomes = await self._hand_over(delivery, bound)
         await self._observe(outcomes)
         if any(o.uncertain for o in outcomes.values()):
-            bound.warning("outcome unknown", detail="the connection died after the final dot;"
-                          " the upstream may have the message, it will be sent again")
+            bound.warning(
+                "outcome unknown",
+                detail="the connection died after the final dot;"
+                " the upstream may have the message, it will be sent again",
+            )
         for recipient in delivery.recipients:
             outcome = outcomes[recipient.id]
-            bound.info("attempt", recipient=recipient.address, verdict=outcome.verdict.value,
-                       reply=outcome.reply, scope=outcome.scope.value,
-                       seconds=round(time.monotonic() - started, 3))
+            bound.info(
+                "attempt",
+                recipient=recipient.address,
+                verdict=outcome.verdict.value,
+                reply=outcome.reply,
+                scope=outcome.scope.value,
+                seconds=round(time.monotonic() - started, 3),
+            )
         return outcomes
 
     async def _hand_over(
@@ -111,9 +125,11 @@ class RelayTransport:
             except SessionError as error:
                 self._failing = (time.time() + self._config.backoff, error.outcome)
                 if error.auth_failed:
-                    bound.error("the upstream refused our credentials; mail stays deferred"
-                                " until the relay's username or password is fixed",
-                                reply=error.outcome.reply)
+                    bound.error(
+                        "the upstream refused our credentials; mail stays deferred"
+                        " until the relay's username or password is fixed",
+                        reply=error.outcome.reply,
+                    )
                 return {r.id: error.outcome for r in delivery.recipients}
             self._failing = None
             pipelined = self._pipelining_safe and session.offers_pipelining
@@ -123,10 +139,12 @@ class RelayTransport:
                 bound.debug("pooled connection was closed by the upstream; reconnecting")
             except PipelineBroken as error:
                 self._pipelining_safe = False
-                bound.warning("upstream is not safe for pipelining; sending one command at"
-                              " a time from now on", reason=str(error))
-                await self._ledger.set_relay_status(
-                    self.name, f"turbo off: {error}", time.time())
+                bound.warning(
+                    "upstream is not safe for pipelining; sending one command at"
+                    " a time from now on",
+                    reason=str(error),
+                )
+                await self._ledger.set_relay_status(self.name, f"turbo off: {error}", time.time())
             finally:
                 self._checkin(session)
         lost = Outcome.deferred("could not keep a connection to the upstream", Scope.SESSION)
@@ -160,8 +178,8 @@ class RelayTransport:
         if wait > 0:  # chunk_delay after the previous chunk's QUIT
             await asyncio.sleep(wait)
         session = await UpstreamSession.open(
-            self._config, helo_name=self._helo_name, context=self._context,
-            password=self._password)
+            self._config, helo_name=self._helo_name, context=self._context, password=self._password
+        )
         self._log.debug("connected", tls=str(session.tls_info() or "none"))
         return session
 
@@ -176,7 +194,8 @@ class RelayTransport:
             return
         self._idle.append(session)
         self._idle_timers[session] = asyncio.get_running_loop().call_later(
-            IDLE_SECONDS, self._expire, session)
+            IDLE_SECONDS, self._expire, session
+        )
 
     def _expire(self, session: UpstreamSession) -> None:
         if session in self._idle:
@@ -200,11 +219,18 @@ class RelayTransport:
         slow = next((o.reply for o in outcomes.values() if asks_to_slow_down(o.reply)), None)
         if slow is not None:
             self._backoff.slow_down(slow, now)
-            self._log.warning("upstream asks to slow down", reply=slow,
-                              connections=self._backoff.allowed, pause=self._backoff.pause)
+            self._log.warning(
+                "upstream asks to slow down",
+                reply=slow,
+                connections=self._backoff.allowed,
+                pause=self._backoff.pause,
+            )
             await self._ledger.set_relay_status(self.name, self._backoff.describe(now), now)
         elif any(o.verdict is Verdict.DELIVERED for o in outcomes.values()):
             if self._backoff.success():
-                self._log.info("recovering from slow-down", connections=self._backoff.allowed,
-                               pause=self._backoff.pause)
+                self._log.info(
+                    "recovering from slow-down",
+                    connections=self._backoff.allowed,
+                    pause=self._backoff.pause,
+                )
                 await self._ledger.set_relay_status(self.name, self._backoff.describe(now), now)

@@ -33,8 +33,7 @@ class SessionError(Exception):
     """The session could not be set up or went away; `outcome` applies to every recipient
     still waiting. `auth_failed` marks a rejected password, a setting to fix."""
 
-    def __init__(self, outcome: Outcome, *, auth_failed: bool = False,
-                 stage: str = "") -> None:
+    def __init__(self, outcome: Outcome, *, auth_failed: bool = False, stage: str = "") -> None:
         super().__init__(outcome.reply)
         self.outcome = outcome
         self.auth_failed = auth_failed
@@ -83,16 +82,25 @@ class UpstreamSession:
 
     @classmethod
     async def open(
-        cls, config: RelayConfig, *, helo_name: str, context: ssl.SSLContext | None,
-        password: str | None, progress: Callable[[str, str], None] | None = None,
+        cls,
+        config: RelayConfig,
+        *,
+        helo_name: str,
+        context: ssl.SSLContext | None,
+        password: str | None,
+        progress: Callable[[str, str], None] | None = None,
     ) -> UpstreamSession:
         """Connect, TLS, EHLO, AUTH as configured. `progress(stage, detail)` hears of each
         stage that succeeded (for `smtpgate check`); a failure raises SessionError."""
         where = f"{config.host}:{config.effective_port}"
         report = progress or (lambda stage, detail: None)
         client = aiosmtplib.SMTP(
-            hostname=config.host, port=config.effective_port, timeout=config.timeout,
-            local_hostname=helo_name, use_tls=config.tls == "ssl", start_tls=False,
+            hostname=config.host,
+            port=config.effective_port,
+            timeout=config.timeout,
+            local_hostname=helo_name,
+            use_tls=config.tls == "ssl",
+            start_tls=False,
             tls_context=context,
         )
         stage = "connect"
@@ -103,9 +111,13 @@ class UpstreamSession:
             if config.tls == "starttls":
                 stage = "tls"
                 if not client.supports_extension("starttls"):
-                    raise SessionError(Outcome.deferred(
-                        f"{where} does not offer STARTTLS; not sending in plaintext"
-                        " (tls = 'starttls')", Scope.SESSION))
+                    raise SessionError(
+                        Outcome.deferred(
+                            f"{where} does not offer STARTTLS; not sending in plaintext"
+                            " (tls = 'starttls')",
+                            Scope.SESSION,
+                        )
+                    )
                 await client.starttls(tls_context=context)
                 await client.ehlo()
             session = cls(client, config)
@@ -121,19 +133,28 @@ class UpstreamSession:
             raise
         except aiosmtplib.SMTPAuthenticationError as error:
             client.close()
-            raise SessionError(Outcome.deferred(
-                f"{format_reply(error.code, error.message)} (AUTH as {config.username}"
-                f" refused by {where}: check the username and password)",
-                Scope.SESSION), auth_failed=True, stage=stage) from None
+            raise SessionError(
+                Outcome.deferred(
+                    f"{format_reply(error.code, error.message)} (AUTH as {config.username}"
+                    f" refused by {where}: check the username and password)",
+                    Scope.SESSION,
+                ),
+                auth_failed=True,
+                stage=stage,
+            ) from None
         except aiosmtplib.SMTPResponseException as error:
             client.close()
-            raise SessionError(Outcome.from_reply(
-                error.code, error.message, Scope.SESSION), stage=stage) from None
+            raise SessionError(
+                Outcome.from_reply(error.code, error.message, Scope.SESSION), stage=stage
+            ) from None
         except (OSError, aiosmtplib.SMTPException) as error:
             client.close()
-            raise SessionError(Outcome.deferred(
-                f"cannot talk to {where}: {explain_connect_error(error)}", Scope.SESSION),
-                stage="tls" if _is_tls_error(error) else stage) from None
+            raise SessionError(
+                Outcome.deferred(
+                    f"cannot talk to {where}: {explain_connect_error(error)}", Scope.SESSION
+                ),
+                stage="tls" if _is_tls_error(error) else stage,
+            ) from None
         return session
 
     @property
@@ -156,7 +177,8 @@ class UpstreamSession:
             subject=_name(cert.get("subject", ())),
             issuer=_name(cert.get("issuer", ())),
             not_after=dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(str(not_after)), dt.UTC)
-            if not_after else None,
+            if not_after
+            else None,
         )
 
     async def quit(self) -> None:
@@ -177,8 +199,10 @@ class UpstreamSession:
         pending = list(delivery.recipients)
         first = True
         while pending:
-            batch, pending = pending[:self._config.max_recipients], \
-                pending[self._config.max_recipients:]
+            batch, pending = (
+                pending[: self._config.max_recipients],
+                pending[self._config.max_recipients :],
+            )
             try:
                 if pipelined:
                     result, postponed = await self._pipelined(delivery, batch)
@@ -193,9 +217,14 @@ class UpstreamSession:
             first = False
             outcomes.update(result)
             if postponed and len(postponed) == len(batch):  # the server took none at all
-                outcomes.update({r.id: Outcome.deferred(
-                    "452 4.5.3 too many recipients, and none accepted", Scope.RECIPIENT)
-                    for r in postponed})
+                outcomes.update(
+                    {
+                        r.id: Outcome.deferred(
+                            "452 4.5.3 too many recipients, and none accepted", Scope.RECIPIENT
+                        )
+                        for r in postponed
+                    }
+                )
                 postponed = []
             pending = postponed + pending
         return outcomes
@@ -206,13 +235,14 @@ class UpstreamSession:
         client = self._client
         encoding = self._encoding(delivery)
         try:
-            await client.mail(delivery.sender,
-                              options=self._mail_options(delivery, encoding),
-                              encoding=encoding)
+            await client.mail(
+                delivery.sender, options=self._mail_options(delivery, encoding), encoding=encoding
+            )
         except aiosmtplib.SMTPResponseException as error:
             self._lost_unless_connected(error, "MAIL FROM")
-            return dict.fromkeys((r.id for r in batch), Outcome.from_reply(
-                error.code, error.message, Scope.MESSAGE)), []
+            return dict.fromkeys(
+                (r.id for r in batch), Outcome.from_reply(error.code, error.message, Scope.MESSAGE)
+            ), []
         except (OSError, aiosmtplib.SMTPException) as error:
             raise self._lost(error, "MAIL FROM") from None
 
@@ -228,7 +258,8 @@ class UpstreamSession:
                     postponed = list(batch[index:])  # RFC 5321 4.5.3.1.10: next transaction
                     break
                 outcomes[recipient.id] = Outcome.from_reply(
-                    error.code, error.message, Scope.RECIPIENT)
+                    error.code, error.message, Scope.RECIPIENT
+                )
             except (OSError, aiosmtplib.SMTPException) as error:
                 raise self._lost(error, "RCPT TO") from None
             else:
@@ -261,8 +292,7 @@ class UpstreamSession:
         commands += [f"RCPT TO:<{r.address}>\r\n".encode(encoding) for r in batch]
         commands.append(b"DATA\r\n")
         if any(b"\r" in c[:-2] or b"\n" in c[:-2] for c in commands):
-            raise SessionError(Outcome.failed("555 5.5.4 line break in an address",
-                                              Scope.MESSAGE))
+            raise SessionError(Outcome.failed("555 5.5.4 line break in an address", Scope.MESSAGE))
         transport = self._client.transport
         if not isinstance(transport, asyncio.Transport):
             raise self._lost(ConnectionDropped("not connected"), "MAIL FROM")
@@ -274,14 +304,16 @@ class UpstreamSession:
                 for command in commands:
                     reply = await reader.next(timeout)
                     if not fits(command, reply):
-                        raise PipelineBroken(f"reply {reply.code} does not answer"
-                                             f" {command.split(b':')[0].decode()}")
+                        raise PipelineBroken(
+                            f"reply {reply.code} does not answer {command.split(b':')[0].decode()}"
+                        )
                     replies.append(reply)
             except TimeoutError:
                 self.close()
                 raise PipelineBroken(
                     f"no reply within {timeout:g}s to pipelined commands"
-                    f" ({len(replies)} of {len(commands)} answered)") from None
+                    f" ({len(replies)} of {len(commands)} answered)"
+                ) from None
             except PipelineBroken:
                 self.close()
                 raise
@@ -303,7 +335,8 @@ class UpstreamSession:
                         postponed.append(recipient)
                     else:
                         outcomes[recipient.id] = Outcome.from_reply(
-                            reply.code, reply.text, Scope.RECIPIENT)
+                            reply.code, reply.text, Scope.RECIPIENT
+                        )
             if data.code != 354:
                 # RFC 2920: DATA is refused when no recipient was accepted.
                 if accepted:
@@ -342,8 +375,9 @@ class UpstreamSession:
 
     async def begin(self, sender: str, *, smtputf8: bool, eight_bit: bool) -> Reply:
         """MAIL FROM for a transaction whose content is not known yet."""
-        options = (["BODY=8BITMIME"] if eight_bit and self._client.supports_extension(
-            "8bitmime") else []) + (["SMTPUTF8"] if smtputf8 else [])
+        options = (
+            ["BODY=8BITMIME"] if eight_bit and self._client.supports_extension("8bitmime") else []
+        ) + (["SMTPUTF8"] if smtputf8 else [])
         encoding = "utf-8" if smtputf8 else "ascii"
         try:
             response = await self._client.mail(sender, options=options, encoding=encoding)
@@ -356,8 +390,7 @@ class UpstreamSession:
 
     async def add(self, address: str, *, smtputf8: bool) -> Reply:
         try:
-            response = await self._client.rcpt(
-                address, encoding="utf-8" if smtputf8 else "ascii")
+            response = await self._client.rcpt(address, encoding="utf-8" if smtputf8 else "ascii")
         except aiosmtplib.SMTPResponseException as error:
             self._lost_unless_connected(error, "RCPT TO")
             return Reply(error.code, error.message)
@@ -389,9 +422,13 @@ class UpstreamSession:
         if all(address.isascii() for address in addresses):
             return "ascii"  # the client asked for SMTPUTF8, but nothing here needs it
         # RFC 6531 3.4: an internationalized address cannot be downgraded.
-        raise SessionError(Outcome.failed(
-            "553 5.6.7 the upstream does not support SMTPUTF8, which the"
-            " internationalized addresses of this message need", Scope.MESSAGE))
+        raise SessionError(
+            Outcome.failed(
+                "553 5.6.7 the upstream does not support SMTPUTF8, which the"
+                " internationalized addresses of this message need",
+                Scope.MESSAGE,
+            )
+        )
 
     def _mail_options(self, delivery: Delivery, encoding: str) -> list[str]:
         options = []
@@ -403,24 +440,27 @@ class UpstreamSession:
             options.append(f"SIZE={len(delivery.content)}")
         return options
 
-    def _lost_unless_connected(self, error: aiosmtplib.SMTPResponseException,
-                               stage: str) -> None:
+    def _lost_unless_connected(self, error: aiosmtplib.SMTPResponseException, stage: str) -> None:
         """A 421 reply closes the session (RFC 5321 3.8): the rest cannot go on it."""
         if error.code == 421 or not self.is_connected:
             self.close()
             raise SessionError(Outcome.from_reply(error.code, error.message, Scope.SESSION))
 
-    def _lost(self, error: BaseException, stage: str, *, unknown: bool = False
-              ) -> SessionError:
+    def _lost(self, error: BaseException, stage: str, *, unknown: bool = False) -> SessionError:
         self.close()
         if unknown:
             # The upstream may or may not have taken the message: sending again may
             # duplicate it, not sending may lose it. Like Postfix, defer.
-            return SessionError(Outcome.deferred(
-                f"connection lost during DATA, outcome unknown: {describe_error(error)}",
-                Scope.MESSAGE, uncertain=True))
-        return SessionError(Outcome.deferred(
-            f"connection lost at {stage}: {describe_error(error)}", Scope.SESSION))
+            return SessionError(
+                Outcome.deferred(
+                    f"connection lost during DATA, outcome unknown: {describe_error(error)}",
+                    Scope.MESSAGE,
+                    uncertain=True,
+                )
+            )
+        return SessionError(
+            Outcome.deferred(f"connection lost at {stage}: {describe_error(error)}", Scope.SESSION)
+        )
 
 
 async def _greet(client: aiosmtplib.SMTP) -> None:
@@ -444,8 +484,11 @@ async def _login(client: aiosmtplib.SMTP, username: str, password: str, where: s
     elif methods:
         await client.login(username, password)
     else:
-        raise SessionError(Outcome.deferred(
-            f"{where} does not offer AUTH, but a username is configured", Scope.SESSION))
+        raise SessionError(
+            Outcome.deferred(
+                f"{where} does not offer AUTH, but a username is configured", Scope.SESSION
+            )
+        )
 
 
 def _is_tls_error(error: BaseException) -> bool:
@@ -464,14 +507,17 @@ def explain_connect_error(error: BaseException) -> str:
     root: BaseException = error
     while root.__cause__ is not None:
         root = root.__cause__
-    if isinstance(root, ssl.SSLCertVerificationError) and "mismatch" in str(
-            root.verify_message):
-        return (f"TLS certificate is for another name: {root.verify_message} Set host to a"
-                " name the certificate is for")
+    if isinstance(root, ssl.SSLCertVerificationError) and "mismatch" in str(root.verify_message):
+        return (
+            f"TLS certificate is for another name: {root.verify_message} Set host to a"
+            " name the certificate is for"
+        )
     if isinstance(root, ssl.SSLCertVerificationError):
-        return (f"TLS certificate not trusted: {root.verify_message or root.reason}."
-                " If the server uses a private or self-signed certificate, set ca_file to"
-                " the PEM file of the CA that signed it (or verify = false, unsafe)")
+        return (
+            f"TLS certificate not trusted: {root.verify_message or root.reason}."
+            " If the server uses a private or self-signed certificate, set ca_file to"
+            " the PEM file of the CA that signed it (or verify = false, unsafe)"
+        )
     if isinstance(root, ssl.SSLError):
         return f"TLS failed: {root.reason or root}"
     return describe_error(error)

@@ -18,8 +18,12 @@ class RateLimiter:
     """At most `count` messages in any `window` seconds, for every rate at once (sliding
     windows over the send times, so "30/min" never lets 31 through in any minute)."""
 
-    def __init__(self, rates: Sequence[Rate], history: Iterable[float] = (),
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        rates: Sequence[Rate],
+        history: Iterable[float] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._rates = sorted(rates, key=lambda r: r.window)
         self._longest = max((r.window for r in rates), default=0.0)
         self._sent: deque[float] = deque(sorted(history))
@@ -75,8 +79,7 @@ class Backoff:
 
     def slow_down(self, reply: str, now: float) -> None:
         self.allowed = max(1, self.allowed - 1)
-        self.pause = min(self.first_pause * self.max_factor,
-                         max(self.first_pause, self.pause * 2))
+        self.pause = min(self.first_pause * self.max_factor, max(self.first_pause, self.pause * 2))
         self.paused_until = now + self.pause
         self.reason = reply
         self._streak = 0
@@ -103,5 +106,7 @@ class Backoff:
         if self.paused_until > now:
             until = dt.datetime.fromtimestamp(self.paused_until).astimezone()
             paused = f"paused until {until:%H:%M:%S}, "
-        return (f"backing off: {paused}{self.allowed} of {self.configured} connections;"
-                f" the upstream said: {self.reason}")
+        return (
+            f"backing off: {paused}{self.allowed} of {self.configured} connections;"
+            f" the upstream said: {self.reason}"
+        )
