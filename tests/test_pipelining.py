@@ -362,6 +362,8 @@ def test_fits(command: bytes, code: int, expected: bool) -> None:
         "450 4.7.0 rate limit exceeded",
         "451 4.7.1 Please SLOW DOWN",
         "450 4.7.1 Throttled: try again later",
+        "450 4.7.0 sending rates exceeded",
+        "451 4.7.1 ratelimited, come back later",
     ],
 )
 def test_asks_to_slow_down(reply: str) -> None:

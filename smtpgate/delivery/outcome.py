@@ -78,7 +78,8 @@ def describe_error(error: BaseException) -> str:
 
 
 _SLOW_DOWN = re.compile(
-    r"\b(too many|rate|slow down|throttl\w*|limit\w*|try again later)\b", re.IGNORECASE
+    r"\b(too many|rate[sd]?|rate-?limit\w*|slow down|throttl\w*|limit\w*|try again later)\b",
+    re.IGNORECASE,
 )
 
 
