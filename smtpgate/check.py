@@ -14,7 +14,7 @@ from email.utils import formatdate, make_msgid
 
 from smtpgate.config import Config, ConfigError
 from smtpgate.spool.base import Delivery, LeasedRecipient
-from smtpgate.transports.session import SessionError, UpstreamSession, tls_context
+from smtpgate.transports.session import Endpoint, SessionError, UpstreamSession, tls_context
 
 Say = Callable[[str, bool, str], None]  # step, ok, detail
 
@@ -64,7 +64,7 @@ async def check_route(
     )
     try:
         session = await UpstreamSession.open(
-            relay,
+            Endpoint.relay(relay),
             helo_name=config.server.hostname,
             context=tls_context(relay),
             password=password,

@@ -21,6 +21,7 @@ from smtpgate.spool.base import Delivery
 from smtpgate.transports.base import RelayLedger
 from smtpgate.transports.pipelining import PipelineBroken
 from smtpgate.transports.session import (
+    Endpoint,
     SessionError,
     StaleConnection,
     UpstreamSession,
@@ -50,6 +51,7 @@ class RelayTransport:
         self._password = password
         self._ledger = ledger
         self._context = tls_context(config)
+        self._endpoint = Endpoint.relay(config)
         self._idle: list[UpstreamSession] = []
         self._idle_timers: dict[UpstreamSession, asyncio.TimerHandle] = {}
         self._next_connect_at = 0.0
@@ -82,7 +84,10 @@ class RelayTransport:
         if self._config.rate:
             await self._ledger.log_send(self.name, at)
         return await UpstreamSession.open(
-            self._config, helo_name=self._helo_name, context=self._context, password=self._password
+            self._endpoint,
+            helo_name=self._helo_name,
+            context=self._context,
+            password=self._password,
         )
 
     async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
@@ -178,7 +183,10 @@ class RelayTransport:
         if wait > 0:  # chunk_delay after the previous chunk's QUIT
             await asyncio.sleep(wait)
         session = await UpstreamSession.open(
-            self._config, helo_name=self._helo_name, context=self._context, password=self._password
+            self._endpoint,
+            helo_name=self._helo_name,
+            context=self._context,
+            password=self._password,
         )
         self._log.debug("connected", tls=str(session.tls_info() or "none"))
         return session

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import aiosmtplib
 
@@ -63,6 +65,41 @@ class TLSInfo:
         return text
 
 
+TlsMode = Literal["none", "ssl", "starttls", "opportunistic"]
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where and how a session connects: a relay, or one address of an MX host."""
+
+    host: str  # the server's name: for TLS verification and for people
+    port: int
+    tls: TlsMode  # starttls requires it; opportunistic uses it when offered
+    timeout: float
+    data_timeout: float
+    max_recipients: int
+    address: str | None = None  # connect here rather than resolve host (MX from DNS)
+    username: str | None = None
+
+    @classmethod
+    def relay(cls, config: RelayConfig) -> Endpoint:
+        return cls(
+            host=config.host,
+            port=config.effective_port,
+            tls=config.tls,
+            timeout=config.timeout,
+            data_timeout=config.data_timeout,
+            max_recipients=config.max_recipients,
+            username=config.username,
+        )
+
+    @property
+    def where(self) -> str:
+        if self.address and self.address != self.host:
+            return f"{self.host} [{self.address}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
 def tls_context(config: RelayConfig) -> ssl.SSLContext | None:
     """Verification on unless `verify = false`; `ca_file` adds the CAs of private servers."""
     if config.tls == "none":
@@ -75,15 +112,15 @@ def tls_context(config: RelayConfig) -> ssl.SSLContext | None:
 
 
 class UpstreamSession:
-    def __init__(self, client: aiosmtplib.SMTP, config: RelayConfig) -> None:
+    def __init__(self, client: aiosmtplib.SMTP, endpoint: Endpoint) -> None:
         self._client = client
-        self._config = config
+        self._endpoint = endpoint
         self.transactions = 0  # messages handed over on this connection (for chunks)
 
     @classmethod
     async def open(
         cls,
-        config: RelayConfig,
+        endpoint: Endpoint,
         *,
         helo_name: str,
         context: ssl.SSLContext | None,
@@ -92,50 +129,58 @@ class UpstreamSession:
     ) -> UpstreamSession:
         """Connect, TLS, EHLO, AUTH as configured. `progress(stage, detail)` hears of each
         stage that succeeded (for `smtpgate check`); a failure raises SessionError."""
-        where = f"{config.host}:{config.effective_port}"
+        where = endpoint.where
         report = progress or (lambda stage, detail: None)
-        client = aiosmtplib.SMTP(
-            hostname=config.host,
-            port=config.effective_port,
-            timeout=config.timeout,
-            local_hostname=helo_name,
-            use_tls=config.tls == "ssl",
-            start_tls=False,
-            tls_context=context,
-        )
         stage = "connect"
+        client: aiosmtplib.SMTP | None = None
         try:
+            sock = None
+            if endpoint.address:
+                sock = await _connected_socket(endpoint.address, endpoint.port, endpoint.timeout)
+            client = aiosmtplib.SMTP(
+                hostname=endpoint.host,
+                port=endpoint.port,
+                timeout=endpoint.timeout,
+                local_hostname=helo_name,
+                use_tls=endpoint.tls == "ssl",
+                start_tls=False,
+                tls_context=context,
+                sock=sock,
+            )
             greeting = await client.connect()
             report("connect", f"{where}: {format_reply(greeting.code, greeting.message)}")
             await _greet(client)
-            if config.tls == "starttls":
-                stage = "tls"
-                if not client.supports_extension("starttls"):
-                    raise SessionError(
-                        Outcome.deferred(
-                            f"{where} does not offer STARTTLS; not sending in plaintext"
-                            " (tls = 'starttls')",
-                            Scope.SESSION,
-                        )
+            offered = client.supports_extension("starttls")
+            if endpoint.tls == "starttls" and not offered:
+                raise SessionError(
+                    Outcome.deferred(
+                        f"{where} does not offer STARTTLS; not sending in plaintext"
+                        " (tls = 'starttls')",
+                        Scope.SESSION,
                     )
+                )
+            if endpoint.tls == "starttls" or (endpoint.tls == "opportunistic" and offered):
+                stage = "tls"
                 await client.starttls(tls_context=context)
                 await client.ehlo()
-            session = cls(client, config)
-            if config.tls != "none":
+            session = cls(client, endpoint)
+            if session.tls_info() is not None:
                 report("tls", str(session.tls_info()))
-            if config.username:
+            if endpoint.username:
                 stage = "auth"
-                await _login(client, config.username, password or "", where)
-                report("auth", f"as {config.username}")
+                await _login(client, endpoint.username, password or "", where)
+                report("auth", f"as {endpoint.username}")
         except SessionError as error:
-            client.close()
+            if client is not None:
+                client.close()
             error.stage = stage
             raise
         except aiosmtplib.SMTPAuthenticationError as error:
-            client.close()
+            if client is not None:
+                client.close()
             raise SessionError(
                 Outcome.deferred(
-                    f"{format_reply(error.code, error.message)} (AUTH as {config.username}"
+                    f"{format_reply(error.code, error.message)} (AUTH as {endpoint.username}"
                     f" refused by {where}: check the username and password)",
                     Scope.SESSION,
                 ),
@@ -143,12 +188,14 @@ class UpstreamSession:
                 stage=stage,
             ) from None
         except aiosmtplib.SMTPResponseException as error:
-            client.close()
+            if client is not None:
+                client.close()
             raise SessionError(
                 Outcome.from_reply(error.code, error.message, Scope.SESSION), stage=stage
             ) from None
         except (OSError, aiosmtplib.SMTPException) as error:
-            client.close()
+            if client is not None:
+                client.close()
             raise SessionError(
                 Outcome.deferred(
                     f"cannot talk to {where}: {explain_connect_error(error)}", Scope.SESSION
@@ -200,8 +247,8 @@ class UpstreamSession:
         first = True
         while pending:
             batch, pending = (
-                pending[: self._config.max_recipients],
-                pending[self._config.max_recipients :],
+                pending[: self._endpoint.max_recipients],
+                pending[self._endpoint.max_recipients :],
             )
             try:
                 if pipelined:
@@ -268,7 +315,7 @@ class UpstreamSession:
             await self._reset()
             return outcomes, postponed
         try:
-            response = await client.data(delivery.content, timeout=self._config.data_timeout)
+            response = await client.data(delivery.content, timeout=self._endpoint.data_timeout)
         except aiosmtplib.SMTPResponseException as error:
             self._lost_unless_connected(error, "DATA")
             final = Outcome.from_reply(error.code, error.message, Scope.MESSAGE)
@@ -296,7 +343,7 @@ class UpstreamSession:
         transport = self._client.transport
         if not isinstance(transport, asyncio.Transport):
             raise self._lost(ConnectionDropped("not connected"), "MAIL FROM")
-        timeout = self._config.timeout
+        timeout = self._endpoint.timeout
         with borrowed(transport) as reader:
             transport.write(b"".join(commands))
             replies: list[Reply] = []
@@ -349,7 +396,7 @@ class UpstreamSession:
             payload = dot_stuffed(delivery.content) if accepted else b".\r\n"
             transport.write(payload)
             try:
-                final = await reader.next(self._config.data_timeout)
+                final = await reader.next(self._endpoint.data_timeout)
             except (TimeoutError, ConnectionDropped, PipelineBroken) as error:
                 self.close()
                 raise self._lost(error, "DATA", unknown=bool(accepted)) from None
@@ -400,7 +447,7 @@ class UpstreamSession:
 
     async def finish(self, content: bytes) -> Outcome:
         try:
-            response = await self._client.data(content, timeout=self._config.data_timeout)
+            response = await self._client.data(content, timeout=self._endpoint.data_timeout)
         except aiosmtplib.SMTPResponseException as error:
             if not self.is_connected:
                 self.close()
@@ -461,6 +508,21 @@ class UpstreamSession:
         return SessionError(
             Outcome.deferred(f"connection lost at {stage}: {describe_error(error)}", Scope.SESSION)
         )
+
+
+async def _connected_socket(address: str, port: int, within: float) -> socket.socket:
+    """A socket connected to one address of a host (aiosmtplib then speaks SMTP on it,
+    and verifies TLS against the host's name, not the address)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        async with asyncio.timeout(within):
+            await asyncio.get_running_loop().sock_connect(sock, (address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _greet(client: aiosmtplib.SMTP) -> None:
