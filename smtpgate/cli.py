@@ -346,7 +346,16 @@ def _queue_show(config: Config, args: argparse.Namespace) -> int:
     )
     print(
         _table(
-            ["RECIPIENT", "ROUTE", "STATE", "ATTEMPTS", "NEXT ATTEMPT", "UPDATED", "LAST REPLY"],
+            [
+                "RECIPIENT",
+                "ROUTE",
+                "STATE",
+                "ATTEMPTS",
+                "NEXT ATTEMPT",
+                "UPDATED",
+                "VIA",
+                "LAST REPLY",
+            ],
             [
                 [
                     r.address,
@@ -355,6 +364,7 @@ def _queue_show(config: Config, args: argparse.Namespace) -> int:
                     str(r.attempts),
                     _when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
                     _when(r.updated_at),
+                    r.via or "",
                     r.last_reply or "",
                 ]
                 for r in message.recipients
@@ -409,6 +419,7 @@ def _message_json(message: MessageView) -> dict[str, Any]:
                 "attempts": r.attempts,
                 "next_attempt": _iso(r.next_attempt),
                 "last_reply": r.last_reply,
+                "via": r.via,
                 "updated_at": _iso(r.updated_at),
             }
             for r in message.recipients

@@ -298,6 +298,48 @@ class RelayConfig(_Section):
         return self.password
 
 
+def _nameservers(value: object) -> object:
+    """ "127.0.0.1", "127.0.0.1:5353", "::1", "[::1]:53": port 53 unless given."""
+    items = _one_or_many(value)
+    if not isinstance(items, list):
+        return items
+    parsed = []
+    for item in items:
+        if not isinstance(item, str):
+            parsed.append(item)
+            continue
+        try:
+            ipaddress.ip_address(item)
+            parsed.append(ListenAddress(host=item, port=53))
+        except ValueError:
+            address = ListenAddress.parse(item)
+            ipaddress.ip_address(address.host)  # a resolver is named by its address
+            parsed.append(address)
+    return parsed
+
+
+class DnsConfig(_Section):
+    """The resolver for direct delivery. Default: the system's (/etc/resolv.conf)."""
+
+    nameservers: Annotated[list[ListenAddress], BeforeValidator(_nameservers)] = Field(
+        default_factory=list
+    )
+    timeout: Annotated[Duration, Field(gt=0)] = 5.0
+
+
+class DirectConfig(_Section):
+    """Direct delivery to each recipient's MX hosts (AY Mail's "Send Direct")."""
+
+    workers: int = Field(default=32, ge=1, le=256)  # connections in all, idle ones included
+    per_domain: int = Field(default=5, ge=1)  # connections to one destination domain
+    helo_name: str | None = None  # default: this host's fully qualified name
+    port: Port = 25
+    tls: Literal["opportunistic", "require", "verify"] = "opportunistic"
+    timeout: Annotated[Duration, Field(gt=0)] = 60.0
+    data_timeout: Annotated[Duration, Field(gt=0)] = 600.0
+    max_recipients: int = Field(default=100, ge=1)
+
+
 class DeliveryConfig(_Section):
     retry_schedule: list[Duration] = Field(
         default_factory=lambda: [300.0, 600.0, 1200.0, 2400.0, 3600.0], min_length=1
@@ -343,6 +385,8 @@ class Config(_Section):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     log: LogConfig = Field(default_factory=LogConfig)
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
+    direct: DirectConfig = Field(default_factory=DirectConfig)
+    dns: DnsConfig = Field(default_factory=DnsConfig)
     relays: dict[str, RelayConfig] = Field(default_factory=dict)
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)

@@ -131,7 +131,7 @@ class Scheduler:
         ]
         await self._record(delivery, updates, now)
         for recipient, update in zip(delivery.recipients, updates, strict=True):
-            if update.state is RecipientState.FAILED and update.reply.startswith("gave up"):
+            if update.state is RecipientState.FAILED and (update.reply or "").startswith("gave up"):
                 log.warning(
                     "recipient failed: retry lifetime over",
                     queue_id=delivery.queue_id,

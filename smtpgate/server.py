@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 
 from smtpgate import logs
@@ -22,15 +23,13 @@ from smtpgate.router import Router
 from smtpgate.scheduler import Scheduler
 from smtpgate.spool import Spool, SqliteSpool
 from smtpgate.transports import RelayTransport, Transport
+from smtpgate.transports.direct import DirectTransport
+from smtpgate.transports.mx import MxResolver
 
 log = logs.get(__name__)
 
 SESSION_GRACE_SECONDS = 10.0  # how long open SMTP sessions may finish at shutdown
 DELIVERY_GRACE_SECONDS = 10.0  # how long deliveries under way may finish at shutdown
-DIRECT_NOT_AVAILABLE = (
-    "waiting: direct delivery (MX lookup) is not available in this version of smtpgate;"
-    " route this mail through a relay, or keep it queued until an upgrade"
-)
 
 
 class StartupError(Exception):
@@ -51,6 +50,7 @@ class Server:
         transports: dict[str, Transport] = {}
         waiting: dict[str, str] = {}
         relays: dict[str, RelayTransport] = {}
+        direct: DirectTransport | None = None
         for name, route in self.config.routes.items():
             if route.mode == "relay" and route.relay:
                 if route.relay not in relays:
@@ -63,7 +63,13 @@ class Server:
                     )
                 transports[name] = relays[route.relay]
             else:
-                waiting[name] = DIRECT_NOT_AVAILABLE
+                if direct is None:
+                    direct = DirectTransport(
+                        self.config.direct,
+                        MxResolver(self.config.dns),
+                        helo_name=self.config.direct.helo_name or socket.getfqdn(),
+                    )
+                transports[name] = direct
         return transports, waiting
 
     async def serve(self) -> None:

@@ -25,6 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
 import pytest
 import trustme
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -77,6 +82,7 @@ class UpstreamHandler:
     users: dict[str, str] = field(default_factory=dict)  # AUTH required when not empty
     auth_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN")  # offered when users are set
     smtputf8: bool = True  # advertise SMTPUTF8
+    data_delay: float = 0.0  # seconds before answering the final dot (a slow server)
     connections: int = 0
     connected_at: list[float] = field(default_factory=list)
     open_connections: int = 0
@@ -130,6 +136,8 @@ class UpstreamHandler:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.data_delay:
+            await asyncio.sleep(self.data_delay)
         if self.stall_data:
             await asyncio.sleep(3600)
         if self.drop_after_data > 0:
@@ -348,6 +356,7 @@ class Upstreams:
     def start(
         self,
         port: int | None = None,
+        host: str = "127.0.0.1",
         *,
         starttls: ssl.SSLContext | None = None,
         implicit_tls: ssl.SSLContext | None = None,
@@ -361,6 +370,7 @@ class Upstreams:
             port,
             handler,
             ssl_context=implicit_tls,
+            host=host,
         )
 
     def start_trap(self, mode: str) -> Upstream:
@@ -381,6 +391,7 @@ class Upstreams:
         handler: UpstreamHandler | None = None,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        host: str = "127.0.0.1",
     ) -> Upstream:
         port = port or free_port()
         protocols: list[asyncio.BaseProtocol] = []
@@ -390,9 +401,7 @@ class Upstreams:
             return protocols[-1]
 
         server = self._run(
-            self._loop.create_server(
-                tracked, "127.0.0.1", port, reuse_address=True, ssl=ssl_context
-            )
+            self._loop.create_server(tracked, host, port, reuse_address=True, ssl=ssl_context)
         )
         self._servers[server] = protocols
         return Upstream(port, handler or UpstreamHandler(), server, self)
@@ -473,6 +482,87 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     misnamed = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("mail.example.net").configure_cert(misnamed)
     return Certificates(server, ca_file, stranger, misnamed)
+
+
+# --- a DNS server on loopback ----------------------------------------------------------
+
+
+class DnsZone(asyncio.DatagramProtocol):
+    """An authoritative DNS server for the test domains, built on dnspython's messages.
+    Names it does not know are NXDOMAIN, so nothing a test sends leaves this machine."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], list[str]] = {}
+        self.servfail: set[str] = set()
+        self.silent: set[str] = set()  # never answered: a DNS timeout
+        self.queries: list[tuple[str, str]] = []
+        self.port = 0
+
+    def add(self, name: str, rdtype: str, *values: str) -> None:
+        self.records.setdefault((name.lower(), rdtype), []).extend(values)
+
+    def mx(self, domain: str, *hosts: tuple[int, str, str]) -> None:
+        """MX records for `domain`: (preference, host name, IPv4 address) each."""
+        for preference, host, address in hosts:
+            self.add(domain, "MX", f"{preference} {host}.")
+            self.add(host, "A", address)
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.servfail.clear()
+        self.silent.clear()
+        self.queries.clear()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        query = dns.message.from_wire(data)
+        question = query.question[0]
+        name = question.name.to_text().rstrip(".").lower()
+        rdtype = dns.rdatatype.to_text(question.rdtype)
+        self.queries.append((name, rdtype))
+        if name in self.silent:
+            return
+        response = dns.message.make_response(query)
+        response.flags |= dns.flags.AA
+        if name in self.servfail:
+            response.set_rcode(dns.rcode.SERVFAIL)
+        elif (name, rdtype) in self.records:
+            response.answer.append(
+                dns.rrset.from_text(f"{name}.", 60, "IN", rdtype, *self.records[(name, rdtype)])
+            )
+        elif not any(known == name for known, _ in self.records):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        self.transport.sendto(response.to_wire(), addr)  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def dns_server(background_loop: asyncio.AbstractEventLoop) -> Iterator[DnsZone]:
+    zone = DnsZone()
+
+    async def start() -> asyncio.DatagramTransport:
+        transport, _ = await background_loop.create_datagram_endpoint(
+            lambda: zone, local_addr=("127.0.0.1", 0)
+        )
+        return transport
+
+    transport = asyncio.run_coroutine_threadsafe(start(), background_loop).result(10)
+    zone.port = transport.get_extra_info("sockname")[1]
+    yield zone
+
+    async def stop() -> None:
+        transport.close()
+        await asyncio.sleep(0.01)  # the socket closes on a later turn of the loop
+
+    asyncio.run_coroutine_threadsafe(stop(), background_loop).result(10)
+
+
+@pytest.fixture
+def dns_zone(dns_server: DnsZone) -> Iterator[DnsZone]:
+    """The loopback DNS server, emptied after the test."""
+    yield dns_server
+    dns_server.clear()
 
 
 # --- smtpgate as a user runs it ---------------------------------------------------------
@@ -586,9 +676,11 @@ GatewayFactory = Callable[..., Gateway]
 
 
 @pytest.fixture
-def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
+def gateway_factory(tmp_path: Path, dns_zone: DnsZone) -> Iterator[GatewayFactory]:
     """gateway_factory(config: str = "", start=True) -> Gateway. The [server] table with
-    listen and state_dir is written for the test; `config` adds any other TOML."""
+    listen and state_dir is written for the test; `config` adds any other TOML. The
+    gateway resolves through the loopback DNS server (environment overrides), so direct
+    delivery never looks anything up beyond this machine."""
     started: list[Gateway] = []
     count = 0
 
@@ -611,7 +703,11 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
             + "\n"
             + textwrap.dedent(config)
         )
-        gateway = Gateway(workdir, text, port, env)
+        resolver = {
+            "SMTPGATE_DNS__NAMESERVERS": f'["127.0.0.1:{dns_zone.port}"]',
+            "SMTPGATE_DNS__TIMEOUT": '"1s"',
+        }
+        gateway = Gateway(workdir, text, port, {**resolver, **(env or {})})
         started.append(gateway)
         return gateway.start() if start else gateway
 

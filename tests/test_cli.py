@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import GatewayFactory, free_port, wait_until
+from conftest import DnsZone, GatewayFactory, free_port, wait_until
 
 
 def smtpgate(
@@ -100,15 +100,17 @@ def test_config_check_without_a_file_prints_the_embedded_defaults(tmp_path: Path
     assert "config is valid" in table.stderr
 
 
-def test_serve_on_embedded_defaults_with_no_config_file(tmp_path: Path) -> None:
-    """No smtpgate.toml anywhere: the state directory comes from SMTPGATE_STATE_DIR, and the
-    port from an environment override (2525 may be taken on a shared machine)."""
+def test_serve_on_embedded_defaults_with_no_config_file(tmp_path: Path, dns_zone: DnsZone) -> None:
+    """No smtpgate.toml anywhere: the state directory comes from SMTPGATE_STATE_DIR, the
+    port from an environment override (2525 may be taken on a shared machine), and the
+    resolver is the test's own, so the default direct route looks up nothing outside."""
     port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
     environment.update(
         {
             "SMTPGATE_STATE_DIR": str(tmp_path / "state"),
             "SMTPGATE_SERVER__LISTEN": f'["127.0.0.1:{port}"]',
+            "SMTPGATE_DNS__NAMESERVERS": f'["127.0.0.1:{dns_zone.port}"]',
         }
     )
     with subprocess.Popen(

@@ -12,6 +12,8 @@ from pydantic import BaseModel
 from smtpgate.config import (
     Config,
     DeliveryConfig,
+    DirectConfig,
+    DnsConfig,
     LogConfig,
     RelayConfig,
     RouteConfig,
@@ -27,6 +29,8 @@ TABLES: dict[str, type[BaseModel]] = {
     "spool": SpoolConfig,
     "log": LogConfig,
     "delivery": DeliveryConfig,
+    "direct": DirectConfig,
+    "dns": DnsConfig,
     "relays.corp": RelayConfig,
     "routes.corp": RouteConfig,
     "[rules]": RuleConfig,
@@ -76,6 +80,8 @@ def test_example_documents_every_key() -> None:
         "spool",
         "log",
         "delivery",
+        "direct",
+        "dns",
         "relays",
         "routes",
         "rules",
@@ -97,3 +103,5 @@ def test_example_defaults_are_the_real_defaults(tmp_path: Path) -> None:
     assert example.log == defaults.log
     assert example.delivery == defaults.delivery
     assert example.spool == defaults.spool
+    assert example.direct == defaults.direct
+    assert example.dns == defaults.dns

@@ -351,23 +351,6 @@ def test_gives_up_when_the_retry_lifetime_is_over(
     assert "connection refused" in failed["last_reply"]
 
 
-def test_without_config_mail_for_direct_stays_queued_and_queue_says_why(
-    gateway_factory: GatewayFactory,
-) -> None:
-    gateway = gateway_factory()
-    send(gateway.port, "a@example.org", ["b@example.com"])
-
-    recipient = wait_until(
-        lambda: (r := gateway.recipients().get("b@example.com")) and r["last_reply"] and r,
-        what="the queue to explain why the mail waits",
-    )
-    assert recipient["state"] == "queued"
-    assert recipient["route"] == "direct"
-    assert "direct delivery" in recipient["last_reply"]
-    table = gateway.cli("queue").stdout
-    assert "b@example.com" in table and "queued" in table and "direct delivery" in table
-
-
 def test_queue_show_prints_the_stored_message(
     gateway_factory: GatewayFactory,
 ) -> None:

@@ -16,6 +16,7 @@ class Verdict(enum.StrEnum):
     DELIVERED = "delivered"
     DEFERRED = "deferred"  # try again later
     FAILED = "failed"  # permanent: do not try again
+    POSTPONED = "postponed"  # not tried: its destination is busy; not an attempt
 
 
 class Scope(enum.StrEnum):
@@ -30,6 +31,7 @@ class Outcome:
     reply: str
     scope: Scope
     uncertain: bool = False  # the connection died after the final dot: it may have arrived
+    via: str | None = None  # the server it went to, its address, and the TLS used
 
     @classmethod
     def from_reply(cls, code: int, text: str, scope: Scope) -> Outcome:
@@ -50,6 +52,10 @@ class Outcome:
     @classmethod
     def failed(cls, reason: str, scope: Scope) -> Outcome:
         return cls(Verdict.FAILED, reason, scope)
+
+    @classmethod
+    def postponed(cls, reason: str) -> Outcome:
+        return cls(Verdict.POSTPONED, reason, Scope.RECIPIENT)
 
 
 def format_reply(code: int, text: str) -> str:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from smtpgate.delivery.outcome import Outcome, Verdict
 from smtpgate.spool.base import RecipientState, RecipientUpdate
 
+POSTPONE_SECONDS = 5.0  # a recipient whose destination was busy waits this long
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -38,10 +40,18 @@ class RetryPolicy:
         received_at: float,
         now: float,
     ) -> RecipientUpdate:
+        via = outcome.via
         if outcome.verdict is Verdict.DELIVERED:
-            return RecipientUpdate(recipient_id, RecipientState.DELIVERED, outcome.reply)
+            return RecipientUpdate(recipient_id, RecipientState.DELIVERED, outcome.reply, via=via)
         if outcome.verdict is Verdict.FAILED:
-            return RecipientUpdate(recipient_id, RecipientState.FAILED, outcome.reply)
+            return RecipientUpdate(recipient_id, RecipientState.FAILED, outcome.reply, via=via)
+        if outcome.verdict is Verdict.POSTPONED:
+            # Its turn was skipped, not tried: soon again, no attempt counted, and the
+            # last real reply stays what `smtpgate queue` shows.
+            state = RecipientState.DEFERRED if attempts_before else RecipientState.QUEUED
+            return RecipientUpdate(
+                recipient_id, state, None, now + POSTPONE_SECONDS, counts_as_attempt=False
+            )
         next_attempt = now + self.delay(attempts_before)
         if next_attempt > received_at + self.give_up_after:
             return RecipientUpdate(
@@ -49,8 +59,11 @@ class RetryPolicy:
                 RecipientState.FAILED,
                 f"gave up after {_human(self.give_up_after)} in the queue;"
                 f" last reply: {outcome.reply}",
+                via=via,
             )
-        return RecipientUpdate(recipient_id, RecipientState.DEFERRED, outcome.reply, next_attempt)
+        return RecipientUpdate(
+            recipient_id, RecipientState.DEFERRED, outcome.reply, next_attempt, via=via
+        )
 
 
 def _human(seconds: float) -> str:

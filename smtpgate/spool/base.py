@@ -85,9 +85,10 @@ class RecipientUpdate:
 
     recipient_id: int
     state: RecipientState
-    reply: str
+    reply: str | None  # None keeps the last reply (a turn skipped, not an attempt)
     next_attempt: float | None = None
     counts_as_attempt: bool = True
+    via: str | None = None  # where it went: host, address, TLS
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +101,7 @@ class RecipientView:
     next_attempt: float | None
     last_reply: str | None
     updated_at: float
+    via: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

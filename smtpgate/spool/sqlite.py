@@ -35,7 +35,10 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 Queued = tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop, bool]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+MIGRATIONS = {  # from version N to N + 1
+    1: "ALTER TABLE recipients ADD COLUMN via TEXT;",
+}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
     queue_id       TEXT PRIMARY KEY,
@@ -56,7 +59,8 @@ CREATE TABLE IF NOT EXISTS recipients (
     attempts     INTEGER NOT NULL DEFAULT 0,
     next_attempt REAL,
     last_reply   TEXT,
-    updated_at   REAL NOT NULL
+    updated_at   REAL NOT NULL,
+    via          TEXT
 );
 CREATE INDEX IF NOT EXISTS recipients_of_message ON recipients(queue_id);
 CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
@@ -189,8 +193,9 @@ class SqliteSpool(Spool):
     async def record(self, updates: Sequence[RecipientUpdate], now: float) -> None:
         def write(db: sqlite3.Connection) -> None:
             db.executemany(
-                "UPDATE recipients SET state = ?, last_reply = ?, next_attempt = ?,"
-                " attempts = attempts + ?, updated_at = ? WHERE id = ? AND state = 'sending'",
+                "UPDATE recipients SET state = ?, last_reply = coalesce(?, last_reply),"
+                " next_attempt = ?, attempts = attempts + ?, updated_at = ?,"
+                " via = coalesce(?, via) WHERE id = ? AND state = 'sending'",
                 [
                     (
                         u.state.value,
@@ -198,6 +203,7 @@ class SqliteSpool(Spool):
                         u.next_attempt,
                         int(u.counts_as_attempt),
                         now,
+                        u.via,
                         u.recipient_id,
                     )
                     for u in updates
@@ -349,22 +355,13 @@ def _with_recipients(db: sqlite3.Connection, rows: list[Any]) -> list[MessageVie
     ids = list(recipients)
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        for (
-            queue_id,
-            rid,
-            address,
-            route,
-            state,
-            attempts,
-            next_attempt,
-            reply,
-            updated,
-        ) in db.execute(
+        for queue_id, *fields in db.execute(
             "SELECT queue_id, id, address, route, state, attempts, next_attempt,"
-            " last_reply, updated_at FROM recipients"
+            " last_reply, updated_at, via FROM recipients"
             f" WHERE queue_id IN ({_marks(chunk)}) ORDER BY id",
             chunk,
         ):
+            rid, address, route, state, attempts, next_attempt, reply, updated, via = fields
             recipients[queue_id].append(
                 RecipientView(
                     rid,
@@ -375,13 +372,12 @@ def _with_recipients(db: sqlite3.Connection, rows: list[Any]) -> list[MessageVie
                     next_attempt,
                     reply,
                     updated,
+                    via,
                 )
             )
     return [
-        MessageView(
-            queue_id, sender, size, received_at, client_address, helo, tuple(recipients[queue_id])
-        )
-        for queue_id, sender, size, received_at, client_address, helo in rows
+        MessageView(queue_id, sender, size, received_at, client, helo, tuple(recipients[queue_id]))
+        for queue_id, sender, size, received_at, client, helo in rows
     ]
 
 
@@ -448,8 +444,13 @@ class _Writer:
                 f"{self._path} has schema {version}, newer than this smtpgate knows"
                 f" ({SCHEMA_VERSION}); upgrade smtpgate"
             )
-        if version < SCHEMA_VERSION:  # a reader of a current spool writes nothing here
+        if version == 0:
             db.executescript(f"BEGIN; {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        elif version < SCHEMA_VERSION:  # a reader of a current spool writes nothing here
+            steps = "".join(MIGRATIONS[v] for v in range(version, SCHEMA_VERSION))
+            db.executescript(
+                f"BEGIN; {steps} {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
+            )
         return db
 
     def _run(self) -> None:

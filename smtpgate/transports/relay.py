@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import structlog
 
@@ -139,7 +140,8 @@ class RelayTransport:
             self._failing = None
             pipelined = self._pipelining_safe and session.offers_pipelining
             try:
-                return await session.send(delivery, pipelined=pipelined)
+                outcomes = await session.send(delivery, pipelined=pipelined)
+                return {rid: replace(o, via=session.via) for rid, o in outcomes.items()}
             except StaleConnection:
                 bound.debug("pooled connection was closed by the upstream; reconnecting")
             except PipelineBroken as error:

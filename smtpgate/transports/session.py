@@ -115,6 +115,7 @@ class UpstreamSession:
     def __init__(self, client: aiosmtplib.SMTP, endpoint: Endpoint) -> None:
         self._client = client
         self._endpoint = endpoint
+        self._tls = self._read_tls()
         self.transactions = 0  # messages handed over on this connection (for chunks)
 
     @classmethod
@@ -139,7 +140,7 @@ class UpstreamSession:
                 sock = await _connected_socket(endpoint.address, endpoint.port, endpoint.timeout)
             client = aiosmtplib.SMTP(
                 hostname=endpoint.host,
-                port=endpoint.port,
+                port=None if sock else endpoint.port,
                 timeout=endpoint.timeout,
                 local_hostname=helo_name,
                 use_tls=endpoint.tls == "ssl",
@@ -209,10 +210,20 @@ class UpstreamSession:
         return self._client.is_connected
 
     @property
+    def via(self) -> str:
+        """Where this session goes and how, for the spool and the logs."""
+        info = self.tls_info()
+        return f"{self._endpoint.where} {info.version if info else 'without TLS'}"
+
+    @property
     def offers_pipelining(self) -> bool:
         return self._client.supports_extension("pipelining")
 
     def tls_info(self) -> TLSInfo | None:
+        """The TLS in use, read when the session was set up (valid after it closed)."""
+        return self._tls
+
+    def _read_tls(self) -> TLSInfo | None:
         ssl_object = self._client.get_transport_info("ssl_object")
         if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
             return None

@@ -1,0 +1,283 @@
+"""Direct transport: smtpgate is the sending mail server, delivering to each recipient's MX.
+
+Recipients of a message are grouped by domain; each domain's MX hosts are tried in
+order (next one on a refused connection, a timeout or a 4xx greeting). At most `workers`
+connections are open in all, idle pooled ones included, and at most `per_domain` to one
+domain; a domain with a backlog has its extra messages postponed a moment, so one slow
+domain never holds every worker while the others wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
+
+from smtpgate import logs
+from smtpgate.config import DirectConfig
+from smtpgate.delivery.outcome import Outcome, Scope, Verdict
+from smtpgate.router import domain_of
+from smtpgate.spool.base import Delivery, LeasedRecipient
+from smtpgate.transports.mx import DnsTrouble, MxResolver
+from smtpgate.transports.pipelining import PipelineBroken
+from smtpgate.transports.session import (
+    Endpoint,
+    SessionError,
+    StaleConnection,
+    TlsMode,
+    UpstreamSession,
+)
+
+log = logs.get(__name__)
+
+IDLE_SECONDS = 5.0  # a pooled connection nobody needs is closed after this
+
+
+def tls_setup(config: DirectConfig) -> tuple[TlsMode, ssl.SSLContext]:
+    """MTAs encrypt when they can but do not verify by default: a certificate that does not
+    match would otherwise turn into mail sent in plaintext or not at all (RFC 7435)."""
+    context = ssl.create_default_context()
+    if config.tls == "verify":
+        return "starttls", context
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return ("starttls" if config.tls == "require" else "opportunistic"), context
+
+
+class DirectTransport:
+    name = "direct"
+
+    def __init__(self, config: DirectConfig, resolver: MxResolver, *, helo_name: str) -> None:
+        self.concurrency = config.workers
+        self._config = config
+        self._resolver = resolver
+        self._helo_name = helo_name
+        self._tls, self._context = tls_setup(config)
+        self._open = 0  # connections open, busy or idle
+        self._room = asyncio.Condition()
+        self._idle: OrderedDict[UpstreamSession, tuple[str, int]] = OrderedDict()
+        self._timers: dict[UpstreamSession, asyncio.TimerHandle] = {}
+        self._domain_busy: dict[str, int] = {}
+        self._domain_waiting: dict[str, int] = {}
+        self._domain_free: dict[str, asyncio.Condition] = {}
+        self._no_pipelining: set[str] = set()  # addresses that failed pipelined
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for session in list(self._idle):
+            self._take_idle(session)
+            await session.quit()
+
+    async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
+        by_domain: dict[str, list[LeasedRecipient]] = {}
+        for recipient in delivery.recipients:
+            by_domain.setdefault(domain_of(recipient.address), []).append(recipient)
+        results = await asyncio.gather(
+            *(self._to_domain(delivery, d, rs) for d, rs in by_domain.items())
+        )
+        return {rid: outcome for result in results for rid, outcome in result.items()}
+
+    # --- one destination domain ------------------------------------------------------
+
+    async def _to_domain(
+        self, delivery: Delivery, domain: str, recipients: list[LeasedRecipient]
+    ) -> dict[int, Outcome]:
+        async with self._domain_turn(domain) as turn:
+            if not turn:
+                busy = Outcome.postponed(
+                    f"{domain}: all {self._config.per_domain} connections busy"
+                )
+                return dict.fromkeys((r.id for r in recipients), busy)
+            return await self._via_mx(delivery, domain, recipients)
+
+    @contextlib.asynccontextmanager
+    async def _domain_turn(self, domain: str) -> AsyncIterator[bool]:
+        """One of the domain's `per_domain` connections; False (at once) when as many
+        messages already wait for one: better sent after mail for other domains."""
+        limit = self._config.per_domain
+        free = self._domain_free.setdefault(domain, asyncio.Condition())
+        if (
+            self._domain_busy.get(domain, 0) >= limit
+            and self._domain_waiting.get(domain, 0) >= limit
+        ):
+            yield False
+            return
+        self._domain_waiting[domain] = self._domain_waiting.get(domain, 0) + 1
+        try:
+            async with free:
+                await free.wait_for(lambda: self._domain_busy.get(domain, 0) < limit)
+                self._domain_busy[domain] = self._domain_busy.get(domain, 0) + 1
+        finally:
+            self._domain_waiting[domain] -= 1
+        try:
+            yield True
+        finally:
+            async with free:
+                self._domain_busy[domain] -= 1
+                free.notify()
+            if not self._domain_busy[domain] and not self._domain_waiting[domain]:
+                del self._domain_busy[domain], self._domain_waiting[domain]
+                del self._domain_free[domain]
+
+    async def _via_mx(
+        self, delivery: Delivery, domain: str, recipients: Sequence[LeasedRecipient]
+    ) -> dict[int, Outcome]:
+        bound = log.bind(queue_id=delivery.queue_id, domain=domain)
+        try:
+            hosts = await self._resolver.hosts(domain)
+        except DnsTrouble as trouble:
+            bound.info("attempt", mx=None, reply=trouble.outcome.reply)
+            return dict.fromkeys((r.id for r in recipients), trouble.outcome)
+        part = replace(delivery, recipients=tuple(recipients))
+        last: Outcome | None = None
+        for host in hosts:
+            for address in host.addresses:
+                endpoint = Endpoint(
+                    host=host.name,
+                    port=self._config.port,
+                    tls=self._tls,
+                    timeout=self._config.timeout,
+                    data_timeout=self._config.data_timeout,
+                    max_recipients=self._config.max_recipients,
+                    address=address,
+                )
+                started = time.monotonic()
+                outcomes, via = await self._try(endpoint, part)
+                for recipient in recipients:
+                    outcome = outcomes[recipient.id]
+                    bound.info(
+                        "attempt",
+                        recipient=recipient.address,
+                        mx=host.name,
+                        ip=address,
+                        via=via,
+                        verdict=outcome.verdict.value,
+                        reply=outcome.reply,
+                        seconds=round(time.monotonic() - started, 3),
+                    )
+                if any(o.uncertain for o in outcomes.values()):
+                    bound.warning(
+                        "outcome unknown",
+                        mx=host.name,
+                        ip=address,
+                        detail="the connection died after the final dot; it will be sent again",
+                    )
+                if not _try_next(outcomes):
+                    return {rid: replace(o, via=via) for rid, o in outcomes.items()}
+                last = next(iter(outcomes.values()))
+        unreachable = last or Outcome.deferred(
+            f"451 4.4.1 no MX host of {domain} could be reached", Scope.SESSION
+        )
+        return dict.fromkeys((r.id for r in recipients), unreachable)
+
+    async def _try(
+        self, endpoint: Endpoint, delivery: Delivery
+    ) -> tuple[dict[int, Outcome], str | None]:
+        """Deliver over one address, reconnecting once for a stale pooled connection, a
+        failed opportunistic TLS (then in plaintext, as MTAs do) or broken pipelining."""
+        for _ in range(3):
+            try:
+                session = await self._checkout(endpoint)
+            except SessionError as error:
+                if error.stage == "tls" and endpoint.tls == "opportunistic":
+                    endpoint = replace(endpoint, tls="none")
+                    continue
+                return dict.fromkeys((r.id for r in delivery.recipients), error.outcome), None
+            pipelined = session.offers_pipelining and endpoint.address not in self._no_pipelining
+            try:
+                return await session.send(delivery, pipelined=pipelined), session.via
+            except StaleConnection:
+                continue
+            except PipelineBroken as error:
+                log.warning(
+                    "MX host is not safe for pipelining",
+                    mx=endpoint.host,
+                    ip=endpoint.address,
+                    reason=str(error),
+                )
+                self._no_pipelining.add(str(endpoint.address))
+            finally:
+                self._checkin(endpoint, session)
+        lost = Outcome.deferred(f"could not keep a connection to {endpoint.where}", Scope.SESSION)
+        return dict.fromkeys((r.id for r in delivery.recipients), lost), None
+
+    # --- the connection pool ----------------------------------------------------------
+
+    async def _checkout(self, endpoint: Endpoint) -> UpstreamSession:
+        key = (str(endpoint.address), endpoint.port)
+        for session, where in reversed(self._idle.items()):
+            if where == key:
+                self._take_idle(session)
+                if session.is_connected:
+                    return session
+                await self._forget()
+                break
+        async with self._room:
+            while self._open >= self._config.workers:
+                if self._idle:  # make room: close the connection idle the longest
+                    oldest = next(iter(self._idle))
+                    self._take_idle(oldest)
+                    self._quit_later(oldest)
+                    self._open -= 1
+                    break
+                await self._room.wait()
+            self._open += 1
+        try:
+            return await UpstreamSession.open(
+                endpoint, helo_name=self._helo_name, context=self._context, password=None
+            )
+        except BaseException:
+            await self._forget()
+            raise
+
+    def _checkin(self, endpoint: Endpoint, session: UpstreamSession) -> None:
+        if not session.is_connected:
+            task = asyncio.get_running_loop().create_task(self._forget())
+            self._keep(task)
+            return
+        self._idle[session] = (str(endpoint.address), endpoint.port)
+        self._timers[session] = asyncio.get_running_loop().call_later(
+            IDLE_SECONDS, self._expire, session
+        )
+
+    def _expire(self, session: UpstreamSession) -> None:
+        if session in self._idle:
+            self._take_idle(session)
+            self._quit_later(session)
+            task = asyncio.get_running_loop().create_task(self._forget())
+            self._keep(task)
+
+    def _take_idle(self, session: UpstreamSession) -> None:
+        self._idle.pop(session, None)
+        timer = self._timers.pop(session, None)
+        if timer is not None:
+            timer.cancel()
+
+    async def _forget(self) -> None:
+        """One connection fewer: wake a delivery waiting for room."""
+        async with self._room:
+            self._open -= 1
+            self._room.notify()
+
+    def _quit_later(self, session: UpstreamSession) -> None:
+        self._keep(asyncio.get_running_loop().create_task(session.quit()))
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+
+def _try_next(outcomes: dict[int, Outcome]) -> bool:
+    """RFC 5321 5.1: when the session failed before any recipient got an answer of its
+    own (refused, timed out, 4xx greeting, lost before DATA), try the next MX address."""
+    return all(
+        o.scope is Scope.SESSION and o.verdict is Verdict.DEFERRED and not o.uncertain
+        for o in outcomes.values()
+    )
