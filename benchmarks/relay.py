@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiosmtplib
@@ -43,11 +44,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_port(port: int, seconds: float = 15) -> None:
+def wait_port(port: int, seconds: float = 15, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.05)
@@ -60,10 +61,18 @@ def message(size: int = 4096) -> bytes:
     return head + (line * (size // len(line) + 1))[:size]
 
 
-async def load(port: int, messages: int, connections: int, recipients: int) -> float:
-    """Seconds to send `messages` over `connections` persistent connections."""
+async def load(
+    port: int,
+    messages: int,
+    connections: int,
+    recipients: int = 1,
+    recipients_of: Callable[[int], list[str]] | None = None,
+) -> float:
+    """Seconds to send `messages` over `connections` persistent connections; message n
+    goes to `recipients_of(n)`, else to `recipients` fixed addresses."""
     content = message()
-    rcpts = [f"r{i}@example.test" for i in range(recipients)]
+    fixed = [f"r{i}@example.test" for i in range(recipients)]
+    numbers = iter(range(messages))
 
     async def worker(count: int) -> None:
         client = aiosmtplib.SMTP(
@@ -75,6 +84,8 @@ async def load(port: int, messages: int, connections: int, recipients: int) -> f
         )
         await client.connect()
         for _ in range(count):
+            n = next(numbers)
+            rcpts = recipients_of(n) if recipients_of else fixed
             await client.sendmail("bench@example.test", rcpts, content)
         await client.quit()
 
@@ -85,11 +96,9 @@ async def load(port: int, messages: int, connections: int, recipients: int) -> f
 
 
 class Process:
-    def __init__(self, argv: list[str], port: int, **kwargs: object) -> None:
-        self.popen = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs
-        )  # type: ignore[call-overload]
-        wait_port(port)
+    def __init__(self, argv: list[str], port: int, host: str = "127.0.0.1") -> None:
+        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, host=host)
 
     def peak_rss_mb(self) -> float:
         for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():

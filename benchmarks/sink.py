@@ -37,11 +37,11 @@ class Counter:
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
 
-async def serve(port: int, count_file: Path) -> None:
+async def serve(port: int, count_file: Path, host: str = "127.0.0.1") -> None:
     counter = Counter()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(counter, hostname="sink.bench", enable_SMTPUTF8=True), "127.0.0.1", port
+        lambda: SMTP(counter, hostname="sink.bench", enable_SMTPUTF8=True), host, port
     )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -64,8 +64,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--count-file", type=Path, required=True)
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.count_file))
+    asyncio.run(serve(args.port, args.count_file, args.host))
 
 
 if __name__ == "__main__":

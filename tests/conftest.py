@@ -515,6 +515,9 @@ class DnsZone(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):  # room for bursts of queries, as real servers
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         query = dns.message.from_wire(data)

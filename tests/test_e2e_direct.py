@@ -206,6 +206,29 @@ def test_connections_are_reused_for_the_same_host(
     assert server.handler.connections == 1
 
 
+def test_one_worker_moves_between_hosts_without_waiting_for_idle_timeouts(
+    gateway_factory: GatewayFactory, upstreams: Upstreams, dns_zone: DnsZone
+) -> None:
+    port = free_port()
+    first = upstreams.start(port, host="127.0.0.17")
+    second = upstreams.start(port, host="127.0.0.18")
+    dns_zone.mx("k.test", (10, "mx.k.test", "127.0.0.17"))
+    dns_zone.mx("l.test", (10, "mx.l.test", "127.0.0.18"))
+    gateway = gateway_factory(direct(port, "workers = 1"))
+
+    for n in range(4):
+        send(gateway, [f"r{n}@k.test", f"r{n}@l.test"])
+
+    # The one connection goes idle after each host; the next host must not wait for the
+    # idle connection to expire (5 s each time) before it gets its turn.
+    wait_until(
+        lambda: len(first.messages) == 4 and len(second.messages) == 4,
+        timeout=8,
+        what="eight transactions over one worker",
+    )
+    assert first.handler.most_open == 1 and second.handler.most_open == 1
+
+
 def test_opportunistic_tls_and_the_stricter_modes(
     gateway_factory: GatewayFactory,
     upstreams: Upstreams,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from smtpgate.delivery.outcome import Outcome, Verdict
 from smtpgate.spool.base import RecipientState, RecipientUpdate
 
-POSTPONE_SECONDS = 5.0  # a recipient whose destination was busy waits this long
+POSTPONE_SECONDS = 2.0  # a recipient whose destination was busy waits this long
 
 
 @dataclass(frozen=True, slots=True)

@@ -99,14 +99,13 @@ class DirectTransport:
 
     @contextlib.asynccontextmanager
     async def _domain_turn(self, domain: str) -> AsyncIterator[bool]:
-        """One of the domain's `per_domain` connections; False (at once) when as many
-        messages already wait for one: better sent after mail for other domains."""
+        """One of the domain's `per_domain` connections; False (at once) when the domain
+        already holds `workers` deliveries, busy or waiting: the scheduler leases about
+        twice that many, so the other half always serves other domains."""
         limit = self._config.per_domain
         free = self._domain_free.setdefault(domain, asyncio.Condition())
-        if (
-            self._domain_busy.get(domain, 0) >= limit
-            and self._domain_waiting.get(domain, 0) >= limit
-        ):
+        held = self._domain_busy.get(domain, 0) + self._domain_waiting.get(domain, 0)
+        if held >= max(limit, self._config.workers):
             yield False
             return
         self._domain_waiting[domain] = self._domain_waiting.get(domain, 0) + 1
@@ -204,7 +203,7 @@ class DirectTransport:
                 )
                 self._no_pipelining.add(str(endpoint.address))
             finally:
-                self._checkin(endpoint, session)
+                await self._checkin(endpoint, session)
         lost = Outcome.deferred(f"could not keep a connection to {endpoint.where}", Scope.SESSION)
         return dict.fromkeys((r.id for r in delivery.recipients), lost), None
 
@@ -237,15 +236,16 @@ class DirectTransport:
             await self._forget()
             raise
 
-    def _checkin(self, endpoint: Endpoint, session: UpstreamSession) -> None:
+    async def _checkin(self, endpoint: Endpoint, session: UpstreamSession) -> None:
         if not session.is_connected:
-            task = asyncio.get_running_loop().create_task(self._forget())
-            self._keep(task)
+            await self._forget()
             return
         self._idle[session] = (str(endpoint.address), endpoint.port)
         self._timers[session] = asyncio.get_running_loop().call_later(
             IDLE_SECONDS, self._expire, session
         )
+        async with self._room:  # one waiting for another host may close this one now
+            self._room.notify()
 
     def _expire(self, session: UpstreamSession) -> None:
         if session in self._idle:

@@ -45,8 +45,10 @@ class MxResolver:
                 dns.nameserver.Do53Nameserver(address.host, address.port)
                 for address in config.nameservers
             ]
+        # Ask again within the lifetime, as stub resolvers do: a lost UDP packet must cost
+        # a retransmission, not a deferred delivery.
         self._resolver.lifetime = config.timeout
-        self._resolver.timeout = config.timeout
+        self._resolver.timeout = max(config.timeout / 4, 0.25)
         self._resolver.cache = dns.resolver.Cache()
 
     async def hosts(self, domain: str) -> list[MxHost]:
