@@ -165,6 +165,12 @@ class ServerConfig(_Section):
     max_message_size: Annotated[Size, Field(gt=0)] = 25 * 1024**2
     max_recipients: int = Field(default=1000, ge=1)
     max_connections: int = Field(default=100, ge=1)
+    max_connections_per_client: int = Field(default=20, ge=1)
+    max_errors: int = Field(default=20, ge=1)  # error replies in a session, then 421
+    max_hops: int = Field(default=50, ge=1)  # Received: fields before a loop is assumed
+    min_free_space: Size = 100 * 1024**2  # below this MAIL gets 452 4.3.1
+    bare_line_ends: Literal["fix", "refuse"] = "fix"
+    allow_percent_hack: bool = False
     idle_timeout: Annotated[Duration, Field(gt=0)] = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
     trusted_networks: NetworkList = Field(
         default_factory=lambda: [

@@ -7,6 +7,7 @@ DATA only after the spool has made the message durable, quoting the queue id.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 import weakref
@@ -15,8 +16,10 @@ from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from smtpgate import logs
+from smtpgate import addresses, crashpoints, logs
+from smtpgate.addresses import Role
 from smtpgate.config import Config
+from smtpgate.content import ContentRefused, canonical, received
 from smtpgate.headers import split_controls
 from smtpgate.passthrough import LiveTransaction, Passthrough
 from smtpgate.policy import RelayPolicy
@@ -47,6 +50,9 @@ _ENHANCED = {
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 
+# Commands that move no mail, limited per session (Postfix: smtpd_junk_command_limit);
+# aiosmtpd answers "421 4.7.0 NOOP sent too many times" and closes.
+JUNK_COMMAND_LIMITS = {"NOOP": 100, "VRFY": 100, "EXPN": 100, "HELP": 100, "*": 10**9}
 TEMPORARY_FAILURE = "451 4.3.0 Local error in processing; the message was not accepted, try again"
 
 
@@ -94,8 +100,13 @@ class Handler:
         address: str,
         mail_options: list[str],
     ) -> str:
-        if refusal := address_refusal(address, envelope.smtp_utf8, "5.1.7"):
+        if refusal := self._refusal(address, "sender", envelope):
             return refusal
+        if (room := _free_space(self._config)) is not None and room < _needed(
+            self._config, mail_options
+        ):
+            log.warning("refusing mail: the spool's disk is nearly full", free=room)
+            return "452 4.3.1 Insufficient system storage, try again later"
         envelope.mail_from = address  # "<>" for the null sender: aiosmtpd needs it truthy
         envelope.mail_options.extend(mail_options)
         await self._end_live(session)  # a transaction abandoned by RSET or EHLO
@@ -109,7 +120,7 @@ class Handler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
-        if refusal := address_refusal(address, envelope.smtp_utf8, "5.1.3"):
+        if refusal := self._refusal(address, "recipient", envelope):
             return refusal
         client_ip = _peer_ip(session)
         if not self._policy.may_relay(client_ip):
@@ -172,10 +183,40 @@ class Handler:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
 
+    def _refusal(self, address: str, role: Role, envelope: Envelope) -> str | None:
+        return addresses.refusal(
+            address,
+            role=role,
+            smtputf8=envelope.smtp_utf8,
+            allow_percent_hack=self._config.server.allow_percent_hack,
+        )
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        content, controls = split_controls(envelope.original_content or b"")
+        server_config = self._config.server
+        try:
+            raw = canonical(
+                envelope.original_content or b"",
+                bare_line_ends=server_config.bare_line_ends,
+                max_hops=server_config.max_hops,
+            )
+        except ContentRefused as refused:
+            log.warning("message refused", reason=refused.reply, client=_peer_ip(session))
+            return refused.reply
+        content, controls = split_controls(raw)
         sender = _sender(envelope)
         client_ip = _peer_ip(session)
+        now = time.time()
+        content = (
+            received(
+                helo=session.host_name or "",
+                client_ip=client_ip,
+                hostname=server_config.hostname,
+                protocol=_protocol(session),
+                recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
+                when=now,
+            )
+            + content
+        )
         route_envelope = RouteEnvelope(sender, client_ip, controls.get("route"))
         live = self._live.pop(session, None)
         proxied = list(live.addresses) if live else []
@@ -195,7 +236,7 @@ class Handler:
             client_address=client_ip or "",
             helo=session.host_name or "",
             smtputf8=envelope.smtp_utf8,
-            received_at=time.time(),
+            received_at=now,
         )
         try:
             queue_id = await self._spool.store(message)
@@ -222,6 +263,7 @@ class Handler:
                 live, self._spool, queue_id, content, alone=alone
             )
         self._on_stored()
+        crashpoints.reached("before_reply")
         return reply or f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:
@@ -229,17 +271,25 @@ class Handler:
         return TEMPORARY_FAILURE
 
 
-def address_refusal(address: str, smtputf8: bool, enhanced: str) -> str | None:
-    """aiosmtpd decodes addresses as UTF-8 with surrogateescape whatever the client said;
-    refuse here what could not be stored or sent on, rather than fail later."""
+def _protocol(session: Session) -> str:
+    """RFC 3848 names: ESMTP, with S for TLS and A for AUTH."""
+    if not session.extended_smtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
+
+
+def _free_space(config: Config) -> int | None:
     try:
-        address.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"501 {enhanced} Bad address syntax: not valid UTF-8"
-    if not smtputf8 and not address.isascii():
-        # RFC 6531 3.4: non-ASCII addresses need the SMTPUTF8 parameter on MAIL FROM.
-        return "553 5.6.7 Non-ASCII address without SMTPUTF8"
-    return None
+        stats = os.statvfs(config.spool_path().parent)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def _needed(config: Config, mail_options: list[str]) -> int:
+    """min_free_space plus the size the client declared (RFC 1870), if it did."""
+    declared = next((o[5:] for o in mail_options if o.upper().startswith("SIZE=")), "0")
+    return config.server.min_free_space + (int(declared) if declared.isdigit() else 0)
 
 
 def _sender(envelope: Envelope) -> str:
@@ -254,13 +304,21 @@ def _peer_ip(session: Session) -> str | None:
 
 
 class Connections:
-    """Counts open sessions so the listener can refuse past `limit` with 421."""
+    """Counts open sessions, in all and per client address, so the listener can refuse
+    past the limits with 421 (Postfix: smtpd_client_connection_count_limit)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, per_client: int) -> None:
         self.limit = limit
+        self.per_client_limit = per_client
         self.open = 0
+        self.by_client: dict[str, int] = {}
         self.idle = asyncio.Event()
         self.idle.set()
+
+    def closed(self) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self.idle.set()
 
 
 class GatewaySMTP(SMTP):
@@ -268,27 +326,73 @@ class GatewaySMTP(SMTP):
     timeout instead of a silent close, the idle timer running from the last byte, and a
     count of open sessions."""
 
-    def __init__(self, handler: Handler, connections: Connections, **options: Any) -> None:
+    def __init__(
+        self, handler: Handler, connections: Connections, max_errors: int, **options: Any
+    ) -> None:
         super().__init__(handler, **options)
         self._connections = connections  # the factory counted this session in
         self._in_greeting = False
         self._counted = True
+        self._client: str | None = None
+        self._refused = False
+        self._errors = 0
+        self._max_errors = max_errors
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        by_client = self._connections.by_client
+        if by_client.get(client, 0) >= self._connections.per_client_limit:
+            log.warning("connection refused: too many from one client", client=client)
+            if isinstance(transport, asyncio.WriteTransport):
+                transport.write(b"421 4.7.0 Too many connections from your address\r\n")
+            transport.close()
+            self._refused = True
+            return
+        self._client = client
+        by_client[client] = by_client.get(client, 0) + 1
+        super().connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
         # aiosmtpd restarts the idle timer on commands only: a slow but steady upload
         # must not be cut off in the middle of DATA.
         self._reset_timeout()
         super().data_received(data)
 
     def connection_lost(self, error: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self._connections.closed()
+        if self._refused:
+            return  # aiosmtpd never saw this connection
+        if self._client is not None:
+            by_client = self._connections.by_client
+            by_client[self._client] -= 1
+            if not by_client[self._client]:
+                del by_client[self._client]
         if self.session is not None and isinstance(self.event_handler, Handler):
             self.event_handler.session_ended(self.session)
         super().connection_lost(error)
-        if self._counted:
-            self._counted = False
-            self._connections.open -= 1
-            if self._connections.open == 0:
-                self._connections.idle.set()
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        if await self._source_route(arg):
+            return
+        await super().smtp_MAIL(arg)
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        if await self._source_route(arg):
+            return
+        await super().smtp_RCPT(arg)
+
+    async def _source_route(self, arg: str | None) -> bool:
+        """aiosmtpd drops a source route (<@relay:user@host>) silently; refuse it instead,
+        as an old way to make a server relay."""
+        if arg and re.search(r"<\s*@", arg):
+            await self.push("553 5.1.0 Source routes are not accepted")
+            return True
+        return False
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_greeting = True
@@ -308,6 +412,13 @@ class GatewaySMTP(SMTP):
         if isinstance(status, str) and not self._in_greeting:
             status = with_enhanced_code(status, self.data_size_limit)
         await super().push(status)
+        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if text[:1] in ("4", "5") and not text.startswith("421"):
+            self._errors += 1
+            if self._errors >= self._max_errors:  # Postfix: smtpd_hard_error_limit
+                await super().push("421 4.7.0 Too many errors, closing connection")
+                if self.transport is not None:
+                    self.transport.close()
 
     def _timeout_cb(self) -> None:
         transport = self.transport
@@ -354,6 +465,8 @@ def protocol_factory(
         return GatewaySMTP(
             handler,
             connections,
+            server.max_errors,
+            command_call_limit=JUNK_COMMAND_LIMITS,
             data_size_limit=server.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,

@@ -1,8 +1,9 @@
 """Policy: who may relay through smtpgate, checked per session and at startup.
 
-Between the listener and the router. Loopback and `trusted_networks` may relay; every
-other client is refused at RCPT TO. smtpgate must never become an open relay, whatever
-the config omits, so startup refuses configurations that would make it one.
+Between the listener and the router. Clients in `trusted_networks` (by default loopback
+only, as Postfix's mynetworks) may relay; every other client is refused at RCPT TO.
+smtpgate must never become an open relay, whatever the config omits, so startup refuses
+configurations that would make it one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class RelayPolicy:
         address = client_address(client_ip)
         if address is None:
             return False
-        return address.is_loopback or any(address in net for net in self._trusted)
+        return any(address in net for net in self._trusted)
 
 
 def client_address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

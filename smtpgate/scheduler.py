@@ -14,8 +14,8 @@ import contextlib
 import time
 from collections.abc import Mapping, Sequence
 
-from smtpgate import logs
-from smtpgate.delivery.outcome import Outcome, Scope
+from smtpgate import crashpoints, logs
+from smtpgate.delivery.outcome import Outcome, Scope, Verdict
 from smtpgate.delivery.retry import RetryPolicy
 from smtpgate.spool.base import Delivery, RecipientState, RecipientUpdate, Spool
 from smtpgate.transports.base import Transport
@@ -116,6 +116,8 @@ class Scheduler:
             except Exception:  # a bug in a transport must not lose or stall the mail
                 log.exception("transport failed", queue_id=delivery.queue_id, route=delivery.route)
                 outcomes = {}
+        if any(o.verdict is Verdict.DELIVERED for o in outcomes.values()):
+            crashpoints.reached("after_upstream_ok")
         policy = self._retry[delivery.route]
         now = time.time()
         internal = Outcome.deferred("451 4.3.0 internal error in smtpgate", Scope.SESSION)

@@ -99,7 +99,9 @@ class Server:
             retry = {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports}
             scheduler = Scheduler(spool, transports, retry, waiting)
             # 4. The accepting side.
-            connections = Connections(config.server.max_connections)
+            connections = Connections(
+                config.server.max_connections, config.server.max_connections_per_client
+            )
             live_routes = {
                 name: transport
                 for name, transport in transports.items()

@@ -742,5 +742,15 @@ def relay_config(
     )
 
 
+def own_trace_removed(content: bytes) -> bytes:
+    """The content without the Received: field smtpgate puts on top (which must be there)."""
+    assert content.startswith(b"Received: from "), content[:80]
+    lines = content.split(b"\r\n")
+    rest = 1
+    while lines[rest][:1] in (b" ", b"\t"):
+        rest += 1
+    return b"\r\n".join(lines[rest:])
+
+
 def with_default_route(route: str) -> str:
     return f'default_route = "{route}"\n'

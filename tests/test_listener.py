@@ -233,7 +233,7 @@ class FullDiskSpool(SqliteSpool):
 async def _one_transaction(config: Config, handler: Handler) -> tuple[int, str]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        protocol_factory(config, handler, Connections(10)), "127.0.0.1", 0
+        protocol_factory(config, handler, Connections(10, 10)), "127.0.0.1", 0
     )
     port = server.sockets[0].getsockname()[1]
     try:
@@ -261,7 +261,13 @@ def test_faults_inside_smtpgate_answer_451_without_leaking(tmp_path: Path, fault
         spool_class = FullDiskSpool if fault == "disk full" else SqliteSpool
         spool = spool_class.open(tmp_path / "spool.db")
         router = ExplodingRouter(config) if fault == "router raises" else Router(config)
-        handler = Handler(config, spool, router, RelayPolicy([]), on_stored=lambda: None)
+        handler = Handler(
+            config,
+            spool,
+            router,
+            RelayPolicy(config.server.trusted_networks),
+            on_stored=lambda: None,
+        )
         try:
             return await _one_transaction(config, handler)
         finally:

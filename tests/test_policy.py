@@ -25,8 +25,17 @@ def policy(*networks: str) -> RelayPolicy:
 @pytest.mark.parametrize(
     "client", ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1", "::ffff:7f00:1"]
 )
-def test_loopback_may_relay_even_with_no_trusted_networks(client: str) -> None:
-    assert policy().may_relay(client)
+def test_loopback_may_relay_with_the_default_trusted_networks(client: str) -> None:
+    defaults = config().server.trusted_networks
+    assert RelayPolicy(defaults).may_relay(client)
+
+
+def test_only_the_listed_networks_are_trusted() -> None:
+    """As Postfix's mynetworks: a list without loopback trusts no loopback client."""
+    narrow = policy("127.0.0.1/32")
+    assert narrow.may_relay("127.0.0.1")
+    assert not narrow.may_relay("127.0.0.2")
+    assert not policy().may_relay("127.0.0.1")
 
 
 @pytest.mark.parametrize(

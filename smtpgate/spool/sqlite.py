@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from smtpgate import crashpoints
 from smtpgate.spool.base import (
     Delivery,
     LeasedRecipient,
@@ -156,7 +157,9 @@ class SqliteSpool(Spool):
             )
             return queue_id
 
-        return await self._writer.submit(insert)
+        queue_id = await self._writer.submit(insert)
+        crashpoints.reached("after_commit")
+        return queue_id
 
     async def lease_due(self, routes: Sequence[str], now: float, limit: int) -> list[Delivery]:
         if not routes or limit <= 0:
