@@ -221,3 +221,21 @@ def test_queue_on_an_empty_state_dir(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert result.stdout.strip() == "0 messages, 0 recipients"
     assert "no spool at" in result.stderr
+
+
+def test_a_damaged_spool_is_reported_at_start(gateway_factory: GatewayFactory) -> None:
+    gateway = gateway_factory()
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        for n in range(20):
+            client.sendmail("a@example.org", [f"r{n}@example.com"], b"Subject: s\r\n\r\n" * 50)
+    assert gateway.stop() == 0
+    spool = gateway.state_dir / "spool.db"
+    data = bytearray(spool.read_bytes())
+    data[4096 * 2 : 4096 * 2 + 512] = b"\xa5" * 512  # scribble over a page of the b-tree
+    spool.write_bytes(bytes(data))
+
+    result = gateway.cli("serve", check=False)
+
+    assert result.returncode == 1
+    assert f"smtpgate: spool {spool}" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -98,7 +98,7 @@ class SqliteSpool(Spool):
         SpoolLockedError, so two servers never lease the same recipients."""
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_file = _take_lock(path) if exclusive else None
-        writer = _Writer(path)
+        writer = _Writer(path, check=exclusive)
         try:
             writer.start_and_wait()
         except BaseException:
@@ -404,8 +404,9 @@ def _take_lock(path: Path) -> int:
 class _Writer:
     """The one thread that owns the connection and runs queued operations in batches."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, check: bool = False) -> None:
         self._path = path
+        self._check = check
         self._queue: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._ready = threading.Event()
@@ -441,6 +442,15 @@ class _Writer:
             raise sqlite3.OperationalError(f"{self._path}: cannot switch to WAL mode")
         db.execute("PRAGMA synchronous = FULL")  # every commit reaches the disk before 250
         db.execute("PRAGMA foreign_keys = ON")
+        if self._check:  # the server, at start: a damaged spool is named, not worked around
+            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
+            if problems != ["ok"]:
+                found = "; ".join(" ".join(p.split()) for p in problems)
+                raise sqlite3.DatabaseError(
+                    f"the spool is damaged ({found}). Move it aside as damaged.db and recover"
+                    f" what it holds into a new one: sqlite3 damaged.db .recover | sqlite3"
+                    f" {self._path.name}"
+                )
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.OperationalError(
