@@ -125,6 +125,31 @@ def _parser() -> argparse.ArgumentParser:
     )
     retry.add_argument("queue_id", metavar="ID", nargs="?")
     retry.set_defaults(run=_queue_retry)
+
+    suggest = commands.add_parser(
+        "suggest",
+        parents=[common],
+        help="find your SMTP server in your mail programs; --write adds it as a relay",
+    )
+    suggest.add_argument(
+        "--home", metavar="DIR", help="read the mail programs' files under DIR, not your home"
+    )
+    suggest.add_argument("--json", action="store_true")
+    suggest.add_argument(
+        "--write", action="store_true", help="add a server as [relays.NAME] and [routes.NAME]"
+    )
+    suggest.add_argument(
+        "--pick", type=int, default=1, metavar="N", help="the row --write takes (default: 1)"
+    )
+    suggest.add_argument("--name", metavar="NAME", help="relay and route name (default: by host)")
+    suggest.add_argument("--default", action="store_true", help="also make it server.default_route")
+    suggest.add_argument(
+        "--force", action="store_true", help="replace a relay or route of that name"
+    )
+    suggest.add_argument(
+        "--test", action="store_true", help="then check the route, as `smtpgate check NAME`"
+    )
+    suggest.set_defaults(run=_suggest)
     return parser
 
 
@@ -195,6 +220,63 @@ def _send(config: Config, args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     print(f"{code} {text}")
     return EXIT_OK
+
+
+# --- suggest ----------------------------------------------------------------------------
+
+
+def _suggest(config: Config, args: argparse.Namespace) -> int:
+    import contextlib
+    from pathlib import Path
+
+    from smtpgate.config import DEFAULT_CONFIG_NAME
+    from smtpgate.suggest import Proposal, Scan, survey, write
+    from smtpgate.suggest.survey import footnotes
+
+    if not args.write and (args.default or args.force or args.test or args.name):
+        print("smtpgate: --name, --default, --force and --test go with --write", file=sys.stderr)
+        return EXIT_USAGE
+    scan = Scan.of(Path(args.home) if args.home else None, os.environ)
+    suggestions = survey(scan)
+    for note in scan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        found = [suggestion.as_json() for suggestion in suggestions]
+        report = {"suggestions": found, "looked": scan.looked, "notes": scan.notes}
+        print(json.dumps(report, indent=2))
+    elif suggestions:
+        headers = ["#", "PROGRAM", "ACCOUNT", "HOST", "PORT", "TLS", "USER", "NOTE"]
+        rows = [[str(number), *s.row()] for number, s in enumerate(suggestions, 1)]
+        print(_table(headers, rows))
+        for line in footnotes(suggestions, writing=args.write):
+            print(line)
+    else:
+        print("No SMTP server found in the settings of any mail program. Looked in:")
+        print("\n".join(f"  {place}" for place in scan.looked))
+    if not suggestions or not args.write:
+        return EXIT_OK if suggestions else EXIT_FAILURE
+    if not 1 <= args.pick <= len(suggestions):
+        print(f"smtpgate: --pick {args.pick}: choose 1 to {len(suggestions)}", file=sys.stderr)
+        return EXIT_USAGE
+    proposal = Proposal.of(suggestions[args.pick - 1], args.name)
+    path = find_config_file(args.config, os.environ) or Path(DEFAULT_CONFIG_NAME)
+    replaced = write(path, proposal, make_default=args.default, force=args.force)
+    with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):  # JSON stays clean
+        name, variable = proposal.name, proposal.password_env
+        print(
+            f"{'replaced' if replaced else 'added'} [relays.{name}] and [routes.{name}] in {path}"
+            + (f"; server.default_route is {name}" if args.default else "")
+        )
+        if variable:
+            print(f"smtpgate reads the password of {proposal.suggestion.user} from ${variable}")
+        if not args.test:
+            print(f"try it: smtpgate check {name}")
+            return EXIT_OK
+        if variable and variable not in os.environ:
+            print(f"smtpgate: to test it, set ${variable} to the password", file=sys.stderr)
+            return EXIT_FAILURE
+        written = load(path, state_dir=args.state_dir)
+        return _check(written, argparse.Namespace(route=name, send_to=None, sender=None))
 
 
 # --- config check -----------------------------------------------------------------------
