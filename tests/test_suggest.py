@@ -739,6 +739,24 @@ def test_an_unreadable_file_is_skipped_with_a_note(tmp_path: Path) -> None:
     assert f"note: {rc}: cannot read it (Permission denied); skipped" in result.stderr
 
 
+def test_a_permission_error_is_a_note_even_as_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rc = write(tmp_path / ".msmtprc", MSMTPRC)
+    read_bytes = Path.read_bytes
+
+    def denied(path: Path) -> bytes:
+        if path == rc:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    looked = scan(tmp_path)
+    assert survey(looked) == []
+    assert looked.notes == [f"{rc}: cannot read it (Permission denied); skipped"]
+    assert str(rc) in looked.looked
+
+
 def test_options_of_write_need_write(tmp_path: Path) -> None:
     full_home(tmp_path)
     result = run("suggest", "--home", str(tmp_path), "--test", home=tmp_path)
