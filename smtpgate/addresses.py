@@ -50,13 +50,14 @@ def refusal(
 
 def _valid_domain(domain: str) -> bool:
     if domain.startswith("[") and domain.endswith("]"):
+        # RFC 5321 4.1.3: [192.0.2.1] or [IPv6:2001:db8::1], nothing in between.
         literal = domain[1:-1]
-        literal = literal[5:] if literal.lower().startswith("ipv6:") else literal
         try:
-            ipaddress.ip_address(literal)
+            if literal.lower().startswith("ipv6:"):
+                return ipaddress.ip_address(literal[5:]).version == 6
+            return ipaddress.ip_address(literal).version == 4
         except ValueError:
             return False
-        return True
     try:
         ascii_domain = domain.rstrip(".").encode("idna").decode("ascii")
     except UnicodeError:

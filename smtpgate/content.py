@@ -43,6 +43,18 @@ def canonical(raw: bytes, *, bare_line_ends: BareLineEnds, max_hops: int) -> byt
     return raw
 
 
+_HELO_SAFE = re.compile(r"^[A-Za-z0-9._:\[\]-]{1,255}$")
+
+
+def helo_for_trace(name: str | None) -> str:
+    """The client's EHLO name as it may go into a Received: field and the spool: a host
+    name or address literal as given, anything else shown, quoted, as ASCII."""
+    if name and _HELO_SAFE.match(name):
+        return name
+    shown = (name or "").encode("ascii", "backslashreplace").decode("ascii")
+    return f'"{shown[:100]}"' if shown else "unknown"
+
+
 def received(
     *,
     helo: str,
@@ -53,7 +65,8 @@ def received(
     when: float,
 ) -> bytes:
     """RFC 5321 4.4 trace field, Postfix-like; `recipient` only when there is one."""
-    source = f"from {helo or 'unknown'} ([{client_ip or 'unknown'}])"
+    literal = f"IPv6:{client_ip}" if client_ip and ":" in client_ip else client_ip
+    source = f"from {helo} ([{literal}])" if client_ip else f"from {helo}"
     target = f"\r\n\tfor <{recipient}>" if recipient else ""
     line = (
         f"Received: {source}\r\n\tby {hostname} (smtpgate) with {protocol}{target};"

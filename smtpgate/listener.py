@@ -19,7 +19,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from smtpgate import addresses, crashpoints, logs
 from smtpgate.addresses import Role
 from smtpgate.config import Config
-from smtpgate.content import ContentRefused, canonical, received
+from smtpgate.content import ContentRefused, canonical, helo_for_trace, received
 from smtpgate.headers import split_controls
 from smtpgate.passthrough import LiveTransaction, Passthrough
 from smtpgate.policy import RelayPolicy
@@ -79,7 +79,7 @@ class Handler:
         self._live: weakref.WeakKeyDictionary[Session, LiveTransaction] = (
             weakref.WeakKeyDictionary()
         )
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[Any]] = set()
 
     async def handle_EHLO(
         self,
@@ -208,7 +208,7 @@ class Handler:
         now = time.time()
         content = (
             received(
-                helo=session.host_name or "",
+                helo=helo_for_trace(session.host_name),
                 client_ip=client_ip,
                 hostname=server_config.hostname,
                 protocol=_protocol(session),
@@ -234,7 +234,7 @@ class Handler:
             recipients=recipients,
             content=content,
             client_address=client_ip or "",
-            helo=session.host_name or "",
+            helo=helo_for_trace(session.host_name),
             smtputf8=envelope.smtp_utf8,
             received_at=now,
         )
@@ -258,13 +258,43 @@ class Handler:
         )
         reply = None
         if live is not None and self._passthrough is not None:
-            alone = all(r.leased for r in recipients)
-            reply = await self._passthrough.finish(
-                live, self._spool, queue_id, content, alone=alone
+            reply = await self._finish_live(
+                self._passthrough, server, live, queue_id, recipients, content
             )
         self._on_stored()
         crashpoints.reached("before_reply")
         return reply or f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def _finish_live(
+        self,
+        passthrough: Passthrough,
+        server: SMTP,
+        live: LiveTransaction,
+        queue_id: str,
+        recipients: list[NewRecipient],
+        content: bytes,
+    ) -> str | None:
+        """The stored message's passthrough DATA. Once stored, the client never hears 451:
+        a failure here leaves the recipients to the scheduler instead."""
+        try:
+            ids = await self._spool.recipient_ids(queue_id)
+        except Exception:
+            log.exception("cannot read back the stored recipients", queue_id=queue_id)
+            await passthrough.close(live)
+            return None  # left `sending`: released and sent at the next start
+        live.leased_ids = [ids[i] for i, r in enumerate(recipients) if r.leased]
+        relay = self._config.routes[live.route].relay
+        if relay and isinstance(server, GatewaySMTP):
+            # The upstream may take data_timeout to answer: the client must wait as long.
+            server.hold_idle_timer(self._config.relays[relay].data_timeout + 30)
+        task = asyncio.ensure_future(
+            passthrough.finish(
+                live, self._spool, queue_id, content, alone=all(r.leased for r in recipients)
+            )
+        )
+        self._closing.add(task)  # shielded: it records the result even if the client leaves
+        task.add_done_callback(self._closing.discard)
+        return await asyncio.shield(task)
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("unexpected error in an SMTP session", exc_info=error)
@@ -353,6 +383,10 @@ class GatewaySMTP(SMTP):
         by_client[client] = by_client.get(client, 0) + 1
         super().connection_made(transport)
 
+    def hold_idle_timer(self, seconds: float) -> None:
+        """Give the client this long before the idle timeout (smtpgate is the slow one)."""
+        self._reset_timeout(seconds)
+
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
@@ -413,7 +447,8 @@ class GatewaySMTP(SMTP):
             status = with_enhanced_code(status, self.data_size_limit)
         await super().push(status)
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
-        if text[:1] in ("4", "5") and not text.startswith("421"):
+        # 452 4.5.3 asks for the rest in another transaction: not the client's error.
+        if text[:1] in ("4", "5") and not text.startswith(("421", "452 4.5.3")):
             self._errors += 1
             if self._errors >= self._max_errors:  # Postfix: smtpd_hard_error_limit
                 await super().push("421 4.7.0 Too many errors, closing connection")

@@ -9,6 +9,7 @@ message still goes to the spool before the upstream gets DATA: until the upstrea
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class LiveTransaction:
     route: str
     session: UpstreamSession | None
     addresses: list[str] = field(default_factory=list)
+    leased_ids: list[int] = field(default_factory=list)  # their spool rows, once stored
 
 
 class Passthrough:
@@ -88,30 +90,26 @@ class Passthrough:
         """Send the stored message upstream and record what became of its passthrough
         recipients. Returns the upstream's reply for the client when that is the whole
         answer, or None when the client is to hear "250 queued": other recipients were
-        queued with it (not `alone`), or the upstream's verdict is not known."""
+        queued with it (not `alone`), or the upstream's verdict is not known.
+
+        Runs to its end even when the client goes away meanwhile (the caller shields
+        it): a result left unrecorded would send the message again after a restart."""
         session = transaction.session
-        view = await spool.message(queue_id)
-        ids = [r.id for r in view.recipients if r.state is RecipientState.SENDING] if view else []
-        if session is None:
-            outcome = Outcome.deferred("the upstream went away before DATA", Scope.SESSION)
-        else:
-            outcome = await session.finish(content)
+        try:
+            if session is None:
+                outcome = Outcome.deferred("the upstream went away before DATA", Scope.SESSION)
+            else:
+                outcome = await session.finish(content)
+        except Exception:
+            log.exception("passthrough DATA failed", queue_id=queue_id)
+            outcome = Outcome.deferred(
+                "internal error during passthrough, outcome unknown", Scope.MESSAGE, uncertain=True
+            )
+        finally:
             await self.close(transaction)
         owned = not alone or session is None or outcome.uncertain
         state, note = _settle(outcome, owned)
-        now = time.time()
-        await spool.record(
-            [
-                RecipientUpdate(
-                    i,
-                    state,
-                    outcome.reply + note,
-                    next_attempt=now if state is RecipientState.DEFERRED else None,
-                )
-                for i in ids
-            ],
-            now,
-        )
+        await _record(spool, queue_id, transaction.leased_ids, state, outcome.reply + note)
         log.info(
             "passthrough",
             queue_id=queue_id,
@@ -128,6 +126,22 @@ class Passthrough:
         if transaction.session is not None:
             await transaction.session.quit()
             transaction.session = None
+
+
+async def _record(
+    spool: Spool, queue_id: str, ids: list[int], state: RecipientState, reply: str
+) -> None:
+    """Write the passthrough recipients' results, retrying a busy spool a few times."""
+    for wait in (0.1, 0.5, 1.0, 2.0, 5.0):
+        now = time.time()
+        next_attempt = now if state is RecipientState.DEFERRED else None
+        try:
+            await spool.record([RecipientUpdate(i, state, reply, next_attempt) for i in ids], now)
+            return
+        except Exception:
+            log.exception("cannot record passthrough results; trying again", queue_id=queue_id)
+            await asyncio.sleep(wait)
+    log.error("passthrough results not recorded; sent again after a restart", queue_id=queue_id)
 
 
 def _settle(outcome: Outcome, owned: bool) -> tuple[RecipientState, str]:

@@ -43,9 +43,12 @@ class Scheduler:
         self._waiting = dict(waiting)
         shared = {id(t): asyncio.Semaphore(t.concurrency) for t in transports.values()}
         self._slots = {name: shared[id(t)] for name, t in transports.items()}
-        self._capacity = MESSAGES_PER_CONNECTION * sum(
-            {id(t): t.concurrency for t in transports.values()}.values()
-        )
+        # Routes grouped by the transport they share, each group leased on its own, so a
+        # stalled or rate-limited relay never holds the capacity of the others.
+        self._groups: dict[int, tuple[Transport, list[str]]] = {}
+        for name, transport in sorted(transports.items()):
+            self._groups.setdefault(id(transport), (transport, []))[1].append(name)
+        self._in_flight_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -78,16 +81,21 @@ class Scheduler:
     async def _lease_and_start(self) -> None:
         for route, reason in self._waiting.items():
             await self._spool.note_waiting(route, reason)
-        free = self._capacity - len(self._in_flight)
-        if free <= 0 or not self._transports or self._stopping:
-            return
-        for delivery in await self._spool.lease_due(sorted(self._transports), time.time(), free):
-            task = asyncio.create_task(self._deliver(delivery))
-            self._in_flight.add(task)
-            task.add_done_callback(self._finished)
+        for group, (transport, routes) in self._groups.items():
+            in_flight = self._in_flight_of[group]
+            free = MESSAGES_PER_CONNECTION * transport.concurrency - len(in_flight)
+            if free <= 0 or self._stopping:
+                continue
+            for delivery in await self._spool.lease_due(routes, time.time(), free):
+                task = asyncio.create_task(self._deliver(delivery))
+                self._in_flight.add(task)
+                in_flight.add(task)
+                task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
+        for in_flight in self._in_flight_of.values():
+            in_flight.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
         self._wake.set()  # a slot is free

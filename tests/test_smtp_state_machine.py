@@ -157,7 +157,9 @@ def test_no_250_without_a_durable_message(shared_gateway: Gateway) -> None:
             assert shared_gateway.process.poll() is None
 
     SMTPMachine.TestCase.settings = settings(
-        max_examples=25,
+        max_examples=40,
+        derandomize=True,  # the same sessions every run: CI must not flake
+        database=None,
         stateful_step_count=15,
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow],

@@ -149,6 +149,10 @@ class Spool(abc.ABC):
         """Explain in last_reply why queued recipients of a route are not being sent."""
 
     @abc.abstractmethod
+    async def recipient_ids(self, queue_id: str) -> list[int]:
+        """The ids of a message's recipients, in the order it was stored with them."""
+
+    @abc.abstractmethod
     async def pending_routes(self) -> set[str]:
         """Routes that have recipients still to send."""
 

@@ -236,6 +236,17 @@ class SqliteSpool(Spool):
 
         return await self._writer.submit(note)
 
+    async def recipient_ids(self, queue_id: str) -> list[int]:
+        def read(db: sqlite3.Connection) -> list[int]:
+            return [
+                rid
+                for (rid,) in db.execute(
+                    "SELECT id FROM recipients WHERE queue_id = ? ORDER BY id", (queue_id,)
+                )
+            ]
+
+        return await self._writer.submit(read, reads_only=True)
+
     async def pending_routes(self) -> set[str]:
         def read(db: sqlite3.Connection) -> set[str]:
             return {
@@ -259,6 +270,10 @@ class SqliteSpool(Spool):
     async def log_send(self, relay: str, at: float) -> None:
         def insert(db: sqlite3.Connection) -> None:
             db.execute("INSERT INTO relay_sends VALUES (?, ?)", (relay, at))
+            # The longest rate window is a day: older sends are of no use.
+            db.execute(
+                "DELETE FROM relay_sends WHERE relay = ? AND at < ?", (relay, at - 2 * 86400)
+            )
 
         await self._writer.submit(insert)
 

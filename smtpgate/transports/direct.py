@@ -35,6 +35,7 @@ from smtpgate.transports.session import (
 log = logs.get(__name__)
 
 IDLE_SECONDS = 5.0  # a pooled connection nobody needs is closed after this
+MAX_MX_ADDRESSES = 5  # addresses tried per delivery, as Postfix's smtp_mx_address_limit
 
 
 def tls_setup(config: DirectConfig) -> tuple[TlsMode, ssl.SSLContext]:
@@ -58,12 +59,12 @@ class DirectTransport:
         self._helo_name = helo_name
         self._tls, self._context = tls_setup(config)
         self._open = 0  # connections open, busy or idle
-        self._room = asyncio.Condition()
-        self._idle: OrderedDict[UpstreamSession, tuple[str, int]] = OrderedDict()
+        self._room = asyncio.Event()
+        self._idle: OrderedDict[UpstreamSession, tuple[str, str, int, str]] = OrderedDict()
         self._timers: dict[UpstreamSession, asyncio.TimerHandle] = {}
         self._domain_busy: dict[str, int] = {}
         self._domain_waiting: dict[str, int] = {}
-        self._domain_free: dict[str, asyncio.Condition] = {}
+        self._domain_free: dict[str, asyncio.Event] = {}
         self._no_pipelining: set[str] = set()  # addresses that failed pipelined
         self._background: set[asyncio.Task[None]] = set()
 
@@ -79,10 +80,22 @@ class DirectTransport:
         by_domain: dict[str, list[LeasedRecipient]] = {}
         for recipient in delivery.recipients:
             by_domain.setdefault(domain_of(recipient.address), []).append(recipient)
+        groups = list(by_domain.items())
         results = await asyncio.gather(
-            *(self._to_domain(delivery, d, rs) for d, rs in by_domain.items())
+            *(self._to_domain(delivery, d, rs) for d, rs in groups), return_exceptions=True
         )
-        return {rid: outcome for result in results for rid, outcome in result.items()}
+        outcomes: dict[int, Outcome] = {}
+        for (domain, recipients), result in zip(groups, results, strict=True):
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+            if isinstance(result, BaseException):  # a bug for one domain: not for the rest
+                log.error("delivery to a domain failed", domain=domain, exc_info=result)
+                result = dict.fromkeys(
+                    (r.id for r in recipients),
+                    Outcome.deferred("451 4.3.0 internal error in smtpgate", Scope.SESSION),
+                )
+            outcomes.update(result)
+        return outcomes
 
     # --- one destination domain ------------------------------------------------------
 
@@ -99,28 +112,29 @@ class DirectTransport:
 
     @contextlib.asynccontextmanager
     async def _domain_turn(self, domain: str) -> AsyncIterator[bool]:
-        """One of the domain's `per_domain` connections; False (at once) when the domain
-        already holds `workers` deliveries, busy or waiting: the scheduler leases about
-        twice that many, so the other half always serves other domains."""
+        """One of the domain's `per_domain` connections; False (at once) when as many
+        deliveries already wait for one: those wait in the queue instead, so slow
+        domains never hold the capacity the others need. Counts change without awaiting,
+        so a cancellation can never lose one."""
         limit = self._config.per_domain
-        free = self._domain_free.setdefault(domain, asyncio.Condition())
         held = self._domain_busy.get(domain, 0) + self._domain_waiting.get(domain, 0)
-        if held >= max(limit, self._config.workers):
+        if held >= 2 * limit:
             yield False
             return
+        free = self._domain_free.setdefault(domain, asyncio.Event())
         self._domain_waiting[domain] = self._domain_waiting.get(domain, 0) + 1
         try:
-            async with free:
-                await free.wait_for(lambda: self._domain_busy.get(domain, 0) < limit)
-                self._domain_busy[domain] = self._domain_busy.get(domain, 0) + 1
+            while self._domain_busy.get(domain, 0) >= limit:
+                free.clear()
+                await free.wait()
         finally:
             self._domain_waiting[domain] -= 1
+        self._domain_busy[domain] = self._domain_busy.get(domain, 0) + 1
         try:
             yield True
         finally:
-            async with free:
-                self._domain_busy[domain] -= 1
-                free.notify()
+            self._domain_busy[domain] -= 1
+            free.set()
             if not self._domain_busy[domain] and not self._domain_waiting[domain]:
                 del self._domain_busy[domain], self._domain_waiting[domain]
                 del self._domain_free[domain]
@@ -136,41 +150,41 @@ class DirectTransport:
             return dict.fromkeys((r.id for r in recipients), trouble.outcome)
         part = replace(delivery, recipients=tuple(recipients))
         last: Outcome | None = None
-        for host in hosts:
-            for address in host.addresses:
-                endpoint = Endpoint(
-                    host=host.name,
-                    port=self._config.port,
-                    tls=self._tls,
-                    timeout=self._config.timeout,
-                    data_timeout=self._config.data_timeout,
-                    max_recipients=self._config.max_recipients,
-                    address=address,
+        targets = [(host, address) for host in hosts for address in host.addresses]
+        for host, address in targets[:MAX_MX_ADDRESSES]:
+            endpoint = Endpoint(
+                host=host.name,
+                port=self._config.port,
+                tls=self._tls,
+                timeout=self._config.timeout,
+                data_timeout=self._config.data_timeout,
+                max_recipients=self._config.max_recipients,
+                address=address,
+            )
+            started = time.monotonic()
+            outcomes, via = await self._try(endpoint, part)
+            for recipient in recipients:
+                outcome = outcomes[recipient.id]
+                bound.info(
+                    "attempt",
+                    recipient=recipient.address,
+                    mx=host.name,
+                    ip=address,
+                    via=via,
+                    verdict=outcome.verdict.value,
+                    reply=outcome.reply,
+                    seconds=round(time.monotonic() - started, 3),
                 )
-                started = time.monotonic()
-                outcomes, via = await self._try(endpoint, part)
-                for recipient in recipients:
-                    outcome = outcomes[recipient.id]
-                    bound.info(
-                        "attempt",
-                        recipient=recipient.address,
-                        mx=host.name,
-                        ip=address,
-                        via=via,
-                        verdict=outcome.verdict.value,
-                        reply=outcome.reply,
-                        seconds=round(time.monotonic() - started, 3),
-                    )
-                if any(o.uncertain for o in outcomes.values()):
-                    bound.warning(
-                        "outcome unknown",
-                        mx=host.name,
-                        ip=address,
-                        detail="the connection died after the final dot; it will be sent again",
-                    )
-                if not _try_next(outcomes):
-                    return {rid: replace(o, via=via) for rid, o in outcomes.items()}
-                last = next(iter(outcomes.values()))
+            if any(o.uncertain for o in outcomes.values()):
+                bound.warning(
+                    "outcome unknown",
+                    mx=host.name,
+                    ip=address,
+                    detail="the connection died after the final dot; it will be sent again",
+                )
+            if not _try_next(outcomes):
+                return {rid: replace(o, via=via) for rid, o in outcomes.items()}
+            last = next(iter(outcomes.values()))
         unreachable = last or Outcome.deferred(
             f"451 4.4.1 no MX host of {domain} could be reached", Scope.SESSION
         )
@@ -191,68 +205,74 @@ class DirectTransport:
                 return dict.fromkeys((r.id for r in delivery.recipients), error.outcome), None
             pipelined = session.offers_pipelining and endpoint.address not in self._no_pipelining
             try:
-                return await session.send(delivery, pipelined=pipelined), session.via
+                outcomes = await session.send(delivery, pipelined=pipelined)
+                if session.pipelining_failed:
+                    self._no_pipelining_for(endpoint, "it broke off mid-delivery")
+                return outcomes, session.via
             except StaleConnection:
                 continue
             except PipelineBroken as error:
-                log.warning(
-                    "MX host is not safe for pipelining",
-                    mx=endpoint.host,
-                    ip=endpoint.address,
-                    reason=str(error),
-                )
-                self._no_pipelining.add(str(endpoint.address))
+                self._no_pipelining_for(endpoint, str(error))
+            except BaseException:
+                session.close()  # cancelled mid-transaction: never back into the pool
+                raise
             finally:
-                await self._checkin(endpoint, session)
+                self._checkin(endpoint, session)
         lost = Outcome.deferred(f"could not keep a connection to {endpoint.where}", Scope.SESSION)
         return dict.fromkeys((r.id for r in delivery.recipients), lost), None
+
+    def _no_pipelining_for(self, endpoint: Endpoint, why: str) -> None:
+        log.warning(
+            "MX host is not safe for pipelining", mx=endpoint.host, ip=endpoint.address, reason=why
+        )
+        self._no_pipelining.add(str(endpoint.address))
 
     # --- the connection pool ----------------------------------------------------------
 
     async def _checkout(self, endpoint: Endpoint) -> UpstreamSession:
-        key = (str(endpoint.address), endpoint.port)
+        # The name and TLS mode are part of the key: a connection verified for one MX
+        # name is no proof for another name on the same address.
+        key = _pool_key(endpoint)
         for session, where in reversed(self._idle.items()):
             if where == key:
                 self._take_idle(session)
                 if session.is_connected:
                     return session
-                await self._forget()
+                self._forget()
                 break
-        async with self._room:
-            while self._open >= self._config.workers:
-                if self._idle:  # make room: close the connection idle the longest
-                    oldest = next(iter(self._idle))
-                    self._take_idle(oldest)
-                    self._quit_later(oldest)
-                    self._open -= 1
-                    break
-                await self._room.wait()
-            self._open += 1
+        while self._open >= self._config.workers:
+            if self._idle:  # make room: close the connection idle the longest
+                oldest = next(iter(self._idle))
+                self._take_idle(oldest)
+                self._quit_later(oldest)
+                self._open -= 1
+                break
+            self._room.clear()
+            await self._room.wait()
+        self._open += 1
         try:
             return await UpstreamSession.open(
                 endpoint, helo_name=self._helo_name, context=self._context, password=None
             )
         except BaseException:
-            await self._forget()
+            self._forget()
             raise
 
-    async def _checkin(self, endpoint: Endpoint, session: UpstreamSession) -> None:
+    def _checkin(self, endpoint: Endpoint, session: UpstreamSession) -> None:
         if not session.is_connected:
-            await self._forget()
+            self._forget()
             return
-        self._idle[session] = (str(endpoint.address), endpoint.port)
+        self._idle[session] = _pool_key(endpoint)
         self._timers[session] = asyncio.get_running_loop().call_later(
             IDLE_SECONDS, self._expire, session
         )
-        async with self._room:  # one waiting for another host may close this one now
-            self._room.notify()
+        self._room.set()  # one waiting for another host may close this one now
 
     def _expire(self, session: UpstreamSession) -> None:
         if session in self._idle:
             self._take_idle(session)
             self._quit_later(session)
-            task = asyncio.get_running_loop().create_task(self._forget())
-            self._keep(task)
+            self._forget()
 
     def _take_idle(self, session: UpstreamSession) -> None:
         self._idle.pop(session, None)
@@ -260,11 +280,10 @@ class DirectTransport:
         if timer is not None:
             timer.cancel()
 
-    async def _forget(self) -> None:
+    def _forget(self) -> None:
         """One connection fewer: wake a delivery waiting for room."""
-        async with self._room:
-            self._open -= 1
-            self._room.notify()
+        self._open -= 1
+        self._room.set()
 
     def _quit_later(self, session: UpstreamSession) -> None:
         self._keep(asyncio.get_running_loop().create_task(session.quit()))
@@ -272,6 +291,10 @@ class DirectTransport:
     def _keep(self, task: asyncio.Task[None]) -> None:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+
+def _pool_key(endpoint: Endpoint) -> tuple[str, str, int, str]:
+    return (endpoint.host, str(endpoint.address), endpoint.port, endpoint.tls)
 
 
 def _try_next(outcomes: dict[int, Outcome]) -> bool:

@@ -141,8 +141,9 @@ def _address_literal(domain: str) -> str | None:
     if not (domain.startswith("[") and domain.endswith("]")):
         return None
     text = domain[1:-1]
-    text = text[5:] if text.lower().startswith("ipv6:") else text
+    tagged = text.lower().startswith("ipv6:")
     try:
-        return str(ipaddress.ip_address(text))
+        address = ipaddress.ip_address(text[5:] if tagged else text)
     except ValueError:
         return None
+    return str(address) if (address.version == 6) == tagged else None

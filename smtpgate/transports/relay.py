@@ -60,7 +60,7 @@ class RelayTransport:
         self._backoff = Backoff(config.concurrency, config.backoff)
         self._rate = RateLimiter(config.rate)
         self._in_use = 0
-        self._slot_free = asyncio.Condition()
+        self._slot_free = asyncio.Event()
         self._failing: tuple[float, Outcome] | None = None  # until, why: no storm of retries
         self._background: set[asyncio.Task[None]] = set()
         self._log = log.bind(relay=name, upstream=f"{config.host}:{config.effective_port}")
@@ -141,39 +141,47 @@ class RelayTransport:
             pipelined = self._pipelining_safe and session.offers_pipelining
             try:
                 outcomes = await session.send(delivery, pipelined=pipelined)
+                if session.pipelining_failed:
+                    await self._no_more_pipelining(bound, "it broke off mid-delivery")
                 return {rid: replace(o, via=session.via) for rid, o in outcomes.items()}
             except StaleConnection:
                 bound.debug("pooled connection was closed by the upstream; reconnecting")
             except PipelineBroken as error:
-                self._pipelining_safe = False
-                bound.warning(
-                    "upstream is not safe for pipelining; sending one command at"
-                    " a time from now on",
-                    reason=str(error),
-                )
-                await self._ledger.set_relay_status(self.name, f"turbo off: {error}", time.time())
+                await self._no_more_pipelining(bound, str(error))
+            except BaseException:
+                session.close()  # cancelled mid-transaction: never back into the pool
+                raise
             finally:
                 self._checkin(session)
         lost = Outcome.deferred("could not keep a connection to the upstream", Scope.SESSION)
         return {r.id: lost for r in delivery.recipients}
 
+    async def _no_more_pipelining(self, bound: structlog.stdlib.BoundLogger, why: str) -> None:
+        self._pipelining_safe = False
+        bound.warning(
+            "upstream is not safe for pipelining; sending one command at a time from now on",
+            reason=why,
+        )
+        await self._ledger.set_relay_status(self.name, f"turbo off: {why}", time.time())
+
     # --- connections ----------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
-        """One of the connections the backoff allows, after any pause it asks for."""
-        async with self._slot_free:
-            await self._slot_free.wait_for(lambda: self._in_use < self._backoff.allowed)
-            self._in_use += 1
+        """One of the connections the backoff allows, after any pause it asks for. The
+        count changes without awaiting, so a cancellation can never lose a release."""
+        while self._in_use >= self._backoff.allowed:
+            self._slot_free.clear()
+            await self._slot_free.wait()
+        self._in_use += 1
         try:
             pause = self._backoff.paused_until - time.time()
             if pause > 0:
                 await asyncio.sleep(pause)
             yield
         finally:
-            async with self._slot_free:
-                self._in_use -= 1
-                self._slot_free.notify_all()
+            self._in_use -= 1
+            self._slot_free.set()
 
     async def _checkout(self) -> UpstreamSession:
         while self._idle:

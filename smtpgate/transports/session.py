@@ -39,7 +39,9 @@ class SessionError(Exception):
         super().__init__(outcome.reply)
         self.outcome = outcome
         self.auth_failed = auth_failed
-        self.stage = stage  # connect, tls or auth: where setting up the session failed
+        # connect, tls or auth: where setting up failed; "MAIL FROM": the session went away
+        # before a transaction began, so nothing was sent and another connection may try
+        self.stage = stage
 
 
 class StaleConnection(Exception):
@@ -101,7 +103,8 @@ class Endpoint:
 
 
 def tls_context(config: RelayConfig) -> ssl.SSLContext | None:
-    """Verification on unless `verify = false`; `ca_file` adds the CAs of private servers."""
+    """Verification on unless `verify = false`; `ca_file` replaces the system's CAs with
+    those of a private server."""
     if config.tls == "none":
         return None
     context = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
@@ -116,6 +119,7 @@ class UpstreamSession:
         self._client = client
         self._endpoint = endpoint
         self._tls = self._read_tls()
+        self.pipelining_failed = False
         self.transactions = 0  # messages handed over on this connection (for chunks)
 
     @classmethod
@@ -203,6 +207,10 @@ class UpstreamSession:
                 ),
                 stage="tls" if _is_tls_error(error) else stage,
             ) from None
+        except BaseException:  # cancelled while setting up: leave no socket behind
+            if client is not None:
+                client.close()
+            raise
         return session
 
     @property
@@ -267,10 +275,19 @@ class UpstreamSession:
                 else:
                     result, postponed = await self._stepwise(delivery, batch)
             except SessionError as error:
-                if first and self.transactions > 0 and not self.is_connected:
-                    raise StaleConnection from error
+                if first and self.transactions > 0 and error.stage == "MAIL FROM":
+                    raise StaleConnection from error  # a pooled connection the server closed
                 for recipient in [*batch, *pending]:
                     outcomes[recipient.id] = error.outcome
+                return outcomes
+            except PipelineBroken as error:
+                if first:
+                    raise  # nothing handed over: the caller goes one command at a time
+                # Earlier transactions went through: keep their results, and try the rest
+                # again soon, one command at a time (pipelining_failed tells the caller).
+                self.pipelining_failed = True
+                retry = Outcome.deferred(f"pipelining failed: {error}", Scope.SESSION)
+                outcomes.update({r.id: retry for r in [*batch, *pending]})
                 return outcomes
             first = False
             outcomes.update(result)
@@ -377,7 +394,7 @@ class UpstreamSession:
                 raise
             except ConnectionDropped as error:
                 self.close()
-                raise self._lost(error, "RCPT TO") from None
+                raise self._lost(error, "RCPT TO" if replies else "MAIL FROM") from None
             mail, *rcpts, data = replies
             outcomes: dict[int, Outcome] = {}
             accepted: list[LeasedRecipient] = []
@@ -502,7 +519,9 @@ class UpstreamSession:
         """A 421 reply closes the session (RFC 5321 3.8): the rest cannot go on it."""
         if error.code == 421 or not self.is_connected:
             self.close()
-            raise SessionError(Outcome.from_reply(error.code, error.message, Scope.SESSION))
+            raise SessionError(
+                Outcome.from_reply(error.code, error.message, Scope.SESSION), stage=stage
+            )
 
     def _lost(self, error: BaseException, stage: str, *, unknown: bool = False) -> SessionError:
         self.close()
@@ -517,7 +536,8 @@ class UpstreamSession:
                 )
             )
         return SessionError(
-            Outcome.deferred(f"connection lost at {stage}: {describe_error(error)}", Scope.SESSION)
+            Outcome.deferred(f"connection lost at {stage}: {describe_error(error)}", Scope.SESSION),
+            stage=stage,
         )
 
 
