@@ -75,6 +75,8 @@ class UpstreamHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)  # address -> reply
     data_replies: list[str] = field(default_factory=list)
     drop_after_data: int = 0  # close without a reply to the final dot, this many times
+    drop_data_number: int = 0  # ...or only at the Nth final dot over all connections
+    datas: int = 0
     stall_data: bool = False  # never answer the final dot
     pipelining: bool = False  # advertise PIPELINING (aiosmtpd reads pipelined commands fine)
     max_rcpts: int = 0  # answer "452 4.5.3" past this many recipients in a transaction
@@ -140,8 +142,9 @@ class UpstreamHandler:
             await asyncio.sleep(self.data_delay)
         if self.stall_data:
             await asyncio.sleep(3600)
-        if self.drop_after_data > 0:
-            self.drop_after_data -= 1
+        self.datas += 1
+        if self.drop_after_data > 0 or self.datas == self.drop_data_number:
+            self.drop_after_data = max(0, self.drop_after_data - 1)
             assert server.transport is not None
             server.transport.abort()
             await asyncio.sleep(3600)  # cancelled by the lost connection
@@ -272,7 +275,8 @@ class MidDataDrop(asyncio.Protocol):
 
 class PipelineTrap(asyncio.Protocol):
     """Advertises PIPELINING but misbehaves when commands arrive together: "stall" answers
-    MAIL and the first RCPT, then never again; "out_of_step" sends one reply too many.
+    MAIL and the first RCPT, then never again; "stall_second" does so only for the second
+    pipelined transaction; "out_of_step" sends one reply too many.
     One command at a time it is a correct server that records what it receives."""
 
     def __init__(self, mode: str, messages: list[Received], counter: list[int]) -> None:
@@ -282,6 +286,7 @@ class PipelineTrap(asyncio.Protocol):
         self.number = counter[0]
         self.buffer = b""
         self.hung = False
+        self.groups = 0
         self.envelope: tuple[str, list[str]] = ("", [])
         self.in_data = False
 
@@ -300,11 +305,16 @@ class PipelineTrap(asyncio.Protocol):
         lines = self.buffer.split(b"\r\n")
         self.buffer = lines.pop()
         if len(lines) > 1 and lines[0].upper().startswith(b"MAIL"):
+            self.groups += 1
             if self.mode == "stall":
                 self.transport.write(b"250 2.1.0 ok\r\n250 2.1.5 ok\r\n")
                 self.hung = True
                 return
-            self.transport.write(b"250 2.0.0 an extra reply\r\n")
+            if self.mode == "stall_second" and self.groups == 2:
+                self.hung = True  # the first pipelined transaction went through
+                return
+            if self.mode == "out_of_step":
+                self.transport.write(b"250 2.0.0 an extra reply\r\n")
         for line in lines:
             self._command(line)
             if self.in_data:
