@@ -28,6 +28,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         config_path = find_config_file(args.config, os.environ)
+        if getattr(args, "creates_config", False) and config_path and not config_path.exists():
+            config_path = None  # `suggest --write --config NEW.toml` makes the file
         config = load(config_path, state_dir=args.state_dir)
     except ConfigError as error:
         print(f"smtpgate: config error: {error}", file=sys.stderr)
@@ -149,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
     suggest.add_argument(
         "--test", action="store_true", help="then check the route, as `smtpgate check NAME`"
     )
-    suggest.set_defaults(run=_suggest)
+    suggest.set_defaults(run=_suggest, creates_config=True)
     return parser
 
 

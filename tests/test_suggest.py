@@ -958,3 +958,38 @@ def test_json_write_keeps_stdout_json(tmp_path: Path) -> None:
     assert result.returncode == 0
     assert json.loads(result.stdout)["suggestions"][0]["host"] == "smtp.gmail.com"
     assert "added [relays.gmail]" in result.stderr
+
+
+def test_write_makes_the_config_file_named_by_config(tmp_path: Path) -> None:
+    """`--config NEW.toml` names the file --write creates; it need not exist yet."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".msmtprc").write_text(
+        "account work\nhost smtp.work.example\nport 587\ntls on\ntls_starttls on\n"
+        "user ann\naccount default : work\n"
+    )
+    target = tmp_path / "new.toml"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SMTPGATE_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smtpgate",
+            "suggest",
+            "--home",
+            str(home),
+            "--write",
+            "--config",
+            str(target),
+            "--state-dir",
+            str(tmp_path / "state"),
+        ],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "[relays." in target.read_text()
+    assert "smtp.work.example" in target.read_text()
