@@ -335,11 +335,15 @@ def _peer_ip(session: Session) -> str | None:
 
 class Connections:
     """Counts open sessions, in all and per client address, so the listener can refuse
-    past the limits with 421 (Postfix: smtpd_client_connection_count_limit)."""
+    past the limits with 421. As Postfix's smtpd_client_connection_count_limit, the
+    per-client limit spares trusted clients: on a local gateway every app is 127.0.0.1."""
 
-    def __init__(self, limit: int, per_client: int) -> None:
+    def __init__(
+        self, limit: int, per_client: int, exempt: Callable[[str], bool] = lambda ip: False
+    ) -> None:
         self.limit = limit
         self.per_client_limit = per_client
+        self.exempt = exempt
         self.open = 0
         self.by_client: dict[str, int] = {}
         self.idle = asyncio.Event()
@@ -372,7 +376,9 @@ class GatewaySMTP(SMTP):
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
         by_client = self._connections.by_client
-        if by_client.get(client, 0) >= self._connections.per_client_limit:
+        if by_client.get(
+            client, 0
+        ) >= self._connections.per_client_limit and not self._connections.exempt(client):
             log.warning("connection refused: too many from one client", client=client)
             if isinstance(transport, asyncio.WriteTransport):
                 transport.write(b"421 4.7.0 Too many connections from your address\r\n")

@@ -99,8 +99,11 @@ class Server:
             retry = {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports}
             scheduler = Scheduler(spool, transports, retry, waiting)
             # 4. The accepting side.
+            policy = RelayPolicy(config.server.trusted_networks)
             connections = Connections(
-                config.server.max_connections, config.server.max_connections_per_client
+                config.server.max_connections,
+                config.server.max_connections_per_client,
+                exempt=policy.may_relay,
             )
             live_routes = {
                 name: transport
@@ -112,7 +115,7 @@ class Server:
                 config,
                 spool,
                 Router(config),
-                RelayPolicy(config.server.trusted_networks),
+                policy,
                 on_stored=scheduler.wake,
                 passthrough=passthrough,
             )

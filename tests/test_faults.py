@@ -193,11 +193,16 @@ def test_percent_hack_only_when_allowed(gateway_factory: GatewayFactory) -> None
 
 
 def test_connections_per_client_address(gateway_factory: GatewayFactory) -> None:
+    """Untrusted clients (here 127.0.0.2 and .3) are limited; trusted ones are not."""
     gateway = gateway_factory(
-        server='max_connections_per_client = 2\ntrusted_networks = ["127.0.0.0/8"]\n'
+        server='max_connections_per_client = 2\ntrusted_networks = ["127.0.0.1/32"]\n'
     )
-    first, second = Client(gateway.port), Client(gateway.port)
-    third = Client(gateway.port)
+    trusted = [Client(gateway.port) for _ in range(4)]
+    assert all(c.greeting.startswith("220") for c in trusted)
+    for client in trusted:
+        client.close()
+    first, second = Client(gateway.port, "127.0.0.2"), Client(gateway.port, "127.0.0.2")
+    third = Client(gateway.port, "127.0.0.2")
     assert third.greeting == "421 4.7.0 Too many connections from your address"
     other = Client(gateway.port, source="127.0.0.3")  # another client is still welcome
     assert other.greeting.startswith("220")
