@@ -22,7 +22,7 @@ from conftest import (
     wait_until,
     with_default_route,
 )
-from test_listener import Dialogue
+from test_listener import Dialogue, submit
 
 BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -35,21 +35,6 @@ class Client(Dialogue):
         self.sock = socket.create_connection(("127.0.0.1", port), 10, (source, 0))
         self.file = self.sock.makefile("rb")
         self.greeting = self.reply()
-
-    def transaction(self, sender: str, recipient: str, data: bytes) -> str:
-        self.send(b"EHLO client.test\r\n")
-        self.send(f"MAIL FROM:<{sender}>\r\n".encode())
-        self.send(f"RCPT TO:<{recipient}>\r\n".encode())
-        assert self.send(b"DATA\r\n").startswith("354")
-        return self.send(data)
-
-
-def submit(port: int, body: bytes = b"Subject: s\r\n\r\nb\r\n.\r\n") -> str:
-    client = Client(port)
-    try:
-        return client.transaction("a@example.org", "b@example.com", body)
-    finally:
-        client.close()
 
 
 # --- smuggling --------------------------------------------------------------------------

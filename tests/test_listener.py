@@ -42,9 +42,26 @@ class Dialogue:
         self.sock.sendall(data)
         return self.reply()
 
+    def transaction(self, sender: str, recipient: str, data: bytes) -> str:
+        """EHLO, MAIL, RCPT, DATA; `data` must end with the final dot. The last reply."""
+        self.send(b"EHLO client.test\r\n")
+        self.send(f"MAIL FROM:<{sender}>\r\n".encode())
+        self.send(f"RCPT TO:<{recipient}>\r\n".encode())
+        assert self.send(b"DATA\r\n").startswith("354")
+        return self.send(data)
+
     def close(self) -> None:
         self.file.close()
         self.sock.close()
+
+
+def submit(port: int, body: bytes = b"Subject: s\r\n\r\nb\r\n.\r\n") -> str:
+    """One message from a@example.org to b@example.com over a raw connection."""
+    talk = Dialogue(port)
+    try:
+        return talk.transaction("a@example.org", "b@example.com", body)
+    finally:
+        talk.close()
 
 
 def messages_in_queue(gateway: object) -> int:

@@ -15,7 +15,7 @@ from conftest import (
     wait_until,
     with_default_route,
 )
-from test_listener import Dialogue
+from test_listener import Dialogue, submit
 
 
 def test_sigterm_during_a_stalled_delivery_stops_and_the_restart_sends_it(
@@ -24,16 +24,7 @@ def test_sigterm_during_a_stalled_delivery_stops_and_the_restart_sends_it(
 ) -> None:
     stalling = upstreams.start(stall_data=True)
     gateway = gateway_factory(relay_config(stalling.port), server=with_default_route("upstream"))
-    talk = Dialogue(gateway.port)
-    for command in (
-        b"EHLO c.test\r\n",
-        b"MAIL FROM:<a@example.org>\r\n",
-        b"RCPT TO:<b@example.com>\r\n",
-        b"DATA\r\n",
-    ):
-        talk.send(command)
-    assert talk.send(b"Subject: s\r\n\r\nb\r\n.\r\n").startswith("250")
-    talk.close()
+    assert submit(gateway.port).startswith("250")
     gateway.wait_for_state("b@example.com", "sending")
 
     assert gateway.process is not None
@@ -59,16 +50,7 @@ def test_a_spool_locked_by_another_process_delays_but_does_not_stop_delivery(
     blocker.execute("ROLLBACK")
     blocker.close()
 
-    talk = Dialogue(gateway.port)
-    for command in (
-        b"EHLO c.test\r\n",
-        b"MAIL FROM:<a@example.org>\r\n",
-        b"RCPT TO:<b@example.com>\r\n",
-        b"DATA\r\n",
-    ):
-        talk.send(command)
-    assert talk.send(b"Subject: s\r\n\r\nb\r\n.\r\n").startswith("250")
-    talk.close()
+    assert submit(gateway.port).startswith("250")
     wait_until(lambda: upstream.messages, timeout=15, what="delivery after the lock")
     assert any(
         e["event"] == "cannot read due work from the spool; trying again" for e in gateway.events()
