@@ -75,6 +75,7 @@ class DirectTransport:
         for session in list(self._idle):
             self._take_idle(session)
             await session.quit()
+        await asyncio.gather(*self._background, return_exceptions=True)  # QUITs under way
 
     async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
         by_domain: dict[str, list[LeasedRecipient]] = {}

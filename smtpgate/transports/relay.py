@@ -77,6 +77,7 @@ class RelayTransport:
         for session in list(self._idle):
             self._forget_idle(session)
             await session.quit()
+        await asyncio.gather(*self._background, return_exceptions=True)  # QUITs under way
 
     async def dedicated_session(self) -> UpstreamSession:
         """A connection of its own for a passthrough transaction, counted in the rate.

@@ -160,7 +160,7 @@ class UpstreamSession:
                 raise SessionError(
                     Outcome.deferred(
                         f"{where} does not offer STARTTLS; not sending in plaintext"
-                        " (tls = 'starttls')",
+                        " (the config requires TLS)",
                         Scope.SESSION,
                     )
                 )
@@ -477,7 +477,7 @@ class UpstreamSession:
         try:
             response = await self._client.data(content, timeout=self._endpoint.data_timeout)
         except aiosmtplib.SMTPResponseException as error:
-            if not self.is_connected:
+            if error.code == 421:  # RFC 5321 3.8: the server is closing the session
                 self.close()
             return Outcome.from_reply(error.code, error.message, Scope.MESSAGE)
         except (OSError, aiosmtplib.SMTPException) as error:
