@@ -7,6 +7,7 @@ import smtplib
 
 from conftest import (
     Certificates,
+    Gateway,
     GatewayFactory,
     Upstreams,
     relay_config,
@@ -22,6 +23,20 @@ def passthrough_config(port: int, relay: str = 'tls = "none"', retry: str = '["1
 
 
 MESSAGE = b"Subject: live\r\n\r\nbody\r\n"
+
+
+def live_gateway(gateway_factory: GatewayFactory, port: int) -> Gateway:
+    """A gateway whose default route passes through to the upstream on `port`."""
+    return gateway_factory(passthrough_config(port), server=with_default_route("upstream"))
+
+
+def send_live(port: int) -> tuple[int, bytes]:
+    """One message to bob@example.com; the reply to DATA."""
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.ehlo("client.test")
+        client.mail("a@example.org")
+        client.rcpt("bob@example.com")
+        return client.data(MESSAGE)
 
 
 def test_client_hears_the_upstreams_rcpt_and_data_replies(
@@ -90,15 +105,9 @@ def test_refused_message_is_refused_to_the_client_and_not_retried(
     upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(data_replies=["554 5.7.1 spam detected"])
-    gateway = gateway_factory(
-        passthrough_config(upstream.port), server=with_default_route("upstream")
-    )
+    gateway = live_gateway(gateway_factory, upstream.port)
 
-    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
-        client.ehlo("client.test")
-        client.mail("a@example.org")
-        client.rcpt("bob@example.com")
-        code, reply = client.data(MESSAGE)
+    code, reply = send_live(gateway.port)
 
     assert code == 554
     assert reply.startswith(b"5.7.1 spam detected [smtpgate ")
@@ -112,15 +121,9 @@ def test_temporary_refusal_goes_back_to_the_client_which_keeps_the_message(
     upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(data_replies=["451 4.3.0 try later"])
-    gateway = gateway_factory(
-        passthrough_config(upstream.port), server=with_default_route("upstream")
-    )
+    gateway = live_gateway(gateway_factory, upstream.port)
 
-    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
-        client.ehlo("client.test")
-        client.mail("a@example.org")
-        client.rcpt("bob@example.com")
-        code, _ = client.data(MESSAGE)
+    code, _ = send_live(gateway.port)
 
     assert code == 451
     assert gateway.recipients()["bob@example.com"]["state"] == "cancelled"
@@ -132,15 +135,9 @@ def test_upstream_silent_after_data_means_250_and_smtpgate_delivers_later(
     upstreams: Upstreams,
 ) -> None:
     upstream = upstreams.start(drop_after_data=1)
-    gateway = gateway_factory(
-        passthrough_config(upstream.port), server=with_default_route("upstream")
-    )
+    gateway = live_gateway(gateway_factory, upstream.port)
 
-    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
-        client.ehlo("client.test")
-        client.mail("a@example.org")
-        client.rcpt("bob@example.com")
-        code, reply = client.data(MESSAGE)
+    code, reply = send_live(gateway.port)
 
     assert code == 250
     assert reply.startswith(b"2.0.0 Ok: queued as ")
