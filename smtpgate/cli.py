@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import os
 import sqlite3
@@ -17,8 +16,9 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from smtpgate import __version__, logs
+from smtpgate import __version__, logs, monitor
 from smtpgate.config import Config, ConfigError, find_config_file, load, masked
+from smtpgate.display import iso, table, when
 from smtpgate.spool import MessageView, SpoolLockedError, SqliteSpool
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -152,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         "--test", action="store_true", help="then check the route, as `smtpgate check NAME`"
     )
     suggest.set_defaults(run=_suggest, creates_config=True)
+    monitor.add_commands(commands, common)
     return parser
 
 
@@ -249,7 +250,7 @@ def _suggest(config: Config, args: argparse.Namespace) -> int:
     elif suggestions:
         headers = ["#", "PROGRAM", "ACCOUNT", "HOST", "PORT", "TLS", "USER", "NOTE"]
         rows = [[str(number), *s.row()] for number, s in enumerate(suggestions, 1)]
-        print(_table(headers, rows))
+        print(table(headers, rows))
         for line in footnotes(suggestions, writing=args.write):
             print(line)
     else:
@@ -352,7 +353,7 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
             json.dumps(
                 {
                     "relays": {
-                        name: {"status": status, "since": _iso(at)}
+                        name: {"status": status, "since": iso(at)}
                         for name, (status, at) in relays.items()
                     },
                     "messages": [_message_json(m) for m in messages],
@@ -362,20 +363,20 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
         )
         return EXIT_OK
     for name, (status, at) in sorted(relays.items()):
-        print(f"relay {name}: {status} (since {_when(at)})")
+        print(f"relay {name}: {status} (since {when(at)})")
     rows = []
     for message in messages:
         for index, r in enumerate(message.recipients):
             rows.append(
                 [
                     message.queue_id if index == 0 else "",
-                    _when(message.received_at) if index == 0 else "",
+                    when(message.received_at) if index == 0 else "",
                     (message.sender or "<>") if index == 0 else "",
                     r.address,
                     r.route,
                     r.state.value,
                     str(r.attempts),
-                    _when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
+                    when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
                     r.last_reply or "",
                 ]
             )
@@ -391,7 +392,7 @@ def _queue_list(config: Config, args: argparse.Namespace) -> int:
         "LAST REPLY",
     ]
     if rows:
-        print(_table(headers, rows))
+        print(table(headers, rows))
     counts = Counter(r.state.value for m in messages for r in m.recipients)
     summary = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
     print(
@@ -424,12 +425,12 @@ def _queue_show(config: Config, args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=2))
         return EXIT_OK
     print(
-        f"queue id:  {message.queue_id}\nreceived:  {_when(message.received_at)}"
+        f"queue id:  {message.queue_id}\nreceived:  {when(message.received_at)}"
         f" from {message.client_address} (HELO {message.helo})\n"
         f"sender:    {message.sender or '<>'}\nsize:      {message.size} bytes\n"
     )
     print(
-        _table(
+        table(
             [
                 "RECIPIENT",
                 "ROUTE",
@@ -446,8 +447,8 @@ def _queue_show(config: Config, args: argparse.Namespace) -> int:
                     r.route,
                     r.state.value,
                     str(r.attempts),
-                    _when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
-                    _when(r.updated_at),
+                    when(r.next_attempt) if r.state.value in ("queued", "deferred") else "",
+                    when(r.updated_at),
                     r.via or "",
                     r.last_reply or "",
                 ]
@@ -492,7 +493,7 @@ def _message_json(message: MessageView) -> dict[str, Any]:
         "queue_id": message.queue_id,
         "sender": message.sender,
         "size": message.size,
-        "received_at": _iso(message.received_at),
+        "received_at": iso(message.received_at),
         "client_address": message.client_address,
         "helo": message.helo,
         "recipients": [
@@ -501,35 +502,14 @@ def _message_json(message: MessageView) -> dict[str, Any]:
                 "route": r.route,
                 "state": r.state.value,
                 "attempts": r.attempts,
-                "next_attempt": _iso(r.next_attempt),
+                "next_attempt": iso(r.next_attempt),
                 "last_reply": r.last_reply,
                 "via": r.via,
-                "updated_at": _iso(r.updated_at),
+                "updated_at": iso(r.updated_at),
             }
             for r in message.recipients
         ],
     }
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds")
-
-
-def _when(timestamp: float | None) -> str:
-    if timestamp is None:
-        return ""
-    return dt.datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    ]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from smtpgate.windows import Window, zone_named
+
 ENV_PREFIX = "SMTPGATE_"
 DEFAULT_CONFIG_NAME = "smtpgate.toml"
 BUILTIN_DIRECT_ROUTE = "direct"
@@ -179,6 +181,8 @@ class ServerConfig(_Section):
         ]
     )
     default_route: str = BUILTIN_DIRECT_ROUTE
+    # A garbled X-Smtpgate-Send-At: refuse the message at DATA, or send it now and log it.
+    invalid_send_at: Literal["refuse", "send_now"] = "refuse"
 
 
 class SpoolConfig(_Section):
@@ -354,21 +358,90 @@ class DeliveryConfig(_Section):
 
 
 class RouteConfig(_Section):
-    mode: Literal["relay", "direct"]
+    """Where a recipient's mail goes and at what pace. `mode = "track"` is AY Track: a
+    durable background job sent onward `via` a relay or direct, inside weekly `window`s,
+    at an evenly spaced `rate`, retrying every `retry_every` for `give_up_after`."""
+
+    mode: Literal["relay", "direct", "track"]
     relay: str | None = None
     passthrough: bool = False  # relay only: the client gets the upstream's own replies
+    via: str | None = None  # track only: a relay's name, or "direct"
+    window: StrList = Field(default_factory=list)  # track only; none: any time
+    timezone: str = "local"  # of the windows: an IANA name, or the system's zone
+    rate: Annotated[Rate, BeforeValidator(Rate.parse)] | None = None  # track only
+    hold: bool = False  # new jobs wait for `smtpgate job release`
+    job: str | None = None  # the job of mail without X-Smtpgate-Job; else route-and-day
+    bounce: bool = False  # a DSN to the sender when a recipient finally fails
+    retry_every: Annotated[Duration, Field(gt=0)] | None = None  # track default: 1h
     retry_schedule: list[Duration] | None = Field(default=None, min_length=1)
     give_up_after: Duration | None = None
 
     @model_validator(mode="after")
-    def _relay_named(self) -> RouteConfig:
+    def _consistent(self) -> RouteConfig:
         if self.mode == "relay" and not self.relay:
             raise ValueError("a route with mode = 'relay' needs relay = 'NAME' of a [relays.NAME]")
         if self.mode != "relay" and self.relay:
             raise ValueError(f"relay is only allowed with mode = 'relay', not {self.mode!r}")
         if self.mode != "relay" and self.passthrough:
             raise ValueError("passthrough = true needs mode = 'relay'")
+        if self.mode == "track" and not self.via:
+            raise ValueError(
+                "a route with mode = 'track' needs via = 'NAME' of a [relays.NAME], or 'direct'"
+            )
+        if self.mode != "track":
+            pacing = [k for k in ("via", "window", "rate") if getattr(self, k)]
+            if pacing:
+                raise ValueError(
+                    f"{' and '.join(pacing)} {'need' if len(pacing) > 1 else 'needs'}"
+                    " mode = 'track'"
+                )
+        if self.passthrough and self.hold:
+            raise ValueError("hold = true cannot work with passthrough = true")
+        if self.retry_every is not None and self.retry_schedule is not None:
+            raise ValueError("give retry_every or retry_schedule, not both")
         return self
+
+    @field_validator("window")
+    @classmethod
+    def _windows(cls, window: list[str]) -> list[str]:
+        for text in window:
+            Window.parse(text)
+        return window
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, timezone: str) -> str:
+        zone_named(timezone)
+        return timezone
+
+    @field_validator("job")
+    @classmethod
+    def _job_name(cls, job: str | None) -> str | None:
+        return None if job is None else valid_job_name(job)
+
+    def schedule(self) -> list[float] | None:
+        """This route's own retry schedule; None defers to [delivery]."""
+        if self.retry_every is not None:
+            return [self.retry_every]
+        if self.retry_schedule is None and self.mode == "track":
+            return [3600.0]
+        return self.retry_schedule
+
+
+JOB_NAME_MAX = 100
+_JOB_NAME = re.compile(r"^[\w.@+:=-]+(?: [\w.@+:=-]+)*$")
+
+
+def valid_job_name(name: str) -> str:
+    """Job names appear in commands, URLs and CSV files: letters, digits, single spaces
+    and . _ - @ + : = only."""
+    name = name.strip()
+    if not name or len(name) > JOB_NAME_MAX or not _JOB_NAME.match(name):
+        raise ValueError(
+            f"{name[:JOB_NAME_MAX]!r} is not a job name: use up to {JOB_NAME_MAX} letters,"
+            " digits, single spaces and . _ - @ + : ="
+        )
+    return name
 
 
 class RuleConfig(_Section):
@@ -406,6 +479,11 @@ class Config(_Section):
                 raise ValueError(
                     f"routes.{name}.relay: no [relays.{route.relay}] is defined"
                     f" (defined: {', '.join(self.relays) or 'none'})"
+                )
+            if route.via and route.via != BUILTIN_DIRECT_ROUTE and route.via not in self.relays:
+                raise ValueError(
+                    f"routes.{name}.via: no [relays.{route.via}] is defined; name a relay"
+                    f" ({', '.join(self.relays) or 'none defined'}) or 'direct'"
                 )
         if self.server.default_route not in self.routes:
             raise ValueError(
@@ -452,7 +530,7 @@ class Config(_Section):
     def retry_policy(self, route: str) -> tuple[list[float], float]:
         """The retry schedule and lifetime of a route: its own, else [delivery]'s."""
         config = self.routes[route]
-        schedule = config.retry_schedule or self.delivery.retry_schedule
+        schedule = config.schedule() or self.delivery.retry_schedule
         give_up = config.give_up_after
         return schedule, self.delivery.give_up_after if give_up is None else give_up
 

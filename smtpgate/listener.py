@@ -9,23 +9,23 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import time
 import weakref
 from collections.abc import Callable
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from smtpgate import addresses, crashpoints, logs
+from smtpgate import addresses, clock, crashpoints, logs
 from smtpgate.addresses import Role
-from smtpgate.config import Config
+from smtpgate.config import Config, valid_job_name
 from smtpgate.content import ContentRefused, canonical, helo_for_trace, received
 from smtpgate.headers import split_controls
+from smtpgate.jobs import SendAtError, job_of, parse_send_at
 from smtpgate.passthrough import LiveTransaction, Passthrough
 from smtpgate.policy import RelayPolicy
 from smtpgate.router import Envelope as RouteEnvelope
 from smtpgate.router import Router
-from smtpgate.spool.base import NewMessage, NewRecipient, Spool
+from smtpgate.spool.base import JobCancelledError, NewMessage, NewRecipient, Spool
 
 log = logs.get(__name__)
 
@@ -205,7 +205,14 @@ class Handler:
         content, controls = split_controls(raw)
         sender = _sender(envelope)
         client_ip = _peer_ip(session)
-        now = time.time()
+        now = clock.now()
+        try:
+            send_at = self._send_at(controls.get("send-at"), client_ip)
+            job = valid_job_name(controls["job"]) if "job" in controls else None
+        except SendAtError as error:
+            return f"554 5.6.0 X-Smtpgate-Send-At: {error}"
+        except ValueError as error:
+            return f"554 5.6.0 X-Smtpgate-Job: {error}"
         content = (
             received(
                 helo=helo_for_trace(session.host_name),
@@ -222,13 +229,22 @@ class Handler:
         proxied = list(live.addresses) if live else []
         recipients = []
         for address in envelope.rcpt_tos:
-            if live is not None and address in proxied:
+            leased = live is not None and address in proxied
+            if live is not None and leased:
                 proxied.remove(address)  # the same address may be given twice
-                recipients.append(NewRecipient(address, live.route, leased=True))
+                route = live.route
             else:
-                recipients.append(
-                    NewRecipient(address, self._router.route(route_envelope, address))
+                route = self._router.route(route_envelope, address)
+            config = self._config.routes[route]
+            recipients.append(
+                NewRecipient(
+                    address,
+                    route,
+                    leased=leased,
+                    job=job_of(job, route, config, now),
+                    hold=config.hold,
                 )
+            )
         message = NewMessage(
             sender=sender,
             recipients=recipients,
@@ -237,9 +253,15 @@ class Handler:
             helo=helo_for_trace(session.host_name),
             smtputf8=envelope.smtp_utf8,
             received_at=now,
+            send_at=send_at,
         )
         try:
             queue_id = await self._spool.store(message)
+        except JobCancelledError as cancelled:
+            log.warning("message refused", reason=str(cancelled), client=client_ip)
+            if live is not None and self._passthrough is not None:
+                await self._passthrough.close(live)
+            return f"554 5.7.0 {cancelled}; name another with X-Smtpgate-Job"
         except Exception:
             log.exception(
                 "spool write failed; message refused with 451", client=client_ip, sender=sender
@@ -295,6 +317,21 @@ class Handler:
         self._closing.add(task)  # shielded: it records the result even if the client leaves
         task.add_done_callback(self._closing.discard)
         return await asyncio.shield(task)
+
+    def _send_at(self, header: str | None, client_ip: str | None) -> float | None:
+        """The header's time; a garbled one raises SendAtError unless the config says to
+        send such mail now (then it is logged)."""
+        if header is None:
+            return None
+        try:
+            return parse_send_at(header)
+        except SendAtError as error:
+            if self._config.server.invalid_send_at == "refuse":
+                raise
+            log.warning(
+                "X-Smtpgate-Send-At ignored; sending now", reason=str(error), client=client_ip
+            )
+            return None
 
     async def handle_exception(self, error: Exception) -> str:
         log.error("unexpected error in an SMTP session", exc_info=error)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Mapping, Sequence
 
-from smtpgate import crashpoints, logs
+from smtpgate import clock, crashpoints, logs
+from smtpgate.bounce import Bouncer
 from smtpgate.delivery.outcome import Outcome, Scope, Verdict
 from smtpgate.delivery.retry import RetryPolicy
-from smtpgate.spool.base import Delivery, RecipientState, RecipientUpdate, Spool
+from smtpgate.pacing import RoutePace
+from smtpgate.spool.base import Delivery, JobControl, RecipientState, RecipientUpdate, Spool
 from smtpgate.transports.base import Transport
 
 log = logs.get(__name__)
@@ -34,10 +35,16 @@ class Scheduler:
         transports: Mapping[str, Transport],
         retry_policies: Mapping[str, RetryPolicy],
         waiting: Mapping[str, str],
+        paces: Mapping[str, RoutePace] | None = None,
+        bouncer: Bouncer | None = None,
     ) -> None:
         """`transports` and `retry_policies` by route name (routes may share a transport);
-        `waiting` names the routes that cannot send, with the reason `smtpgate queue` shows."""
+        `waiting` names the routes that cannot send, with the reason `smtpgate queue` shows;
+        `paces` holds the windows and rates of track routes."""
         self._spool = spool
+        self._paces = dict(paces or {})
+        self._bouncer = bouncer
+        self._controls: dict[str, JobControl] = {}
         self._transports = dict(transports)
         self._retry = dict(retry_policies)
         self._waiting = dict(waiting)
@@ -60,6 +67,7 @@ class Scheduler:
     async def run(self) -> None:
         for route, reason in self._waiting.items():
             log.warning("route cannot send; its mail stays queued", route=route, reason=reason)
+        await self._restore_paces()
         errors = 0
         while not self._stopping:
             self._wake.clear()
@@ -79,18 +87,54 @@ class Scheduler:
                     await self._wake.wait()
 
     async def _lease_and_start(self) -> None:
+        now = clock.now()
         for route, reason in self._waiting.items():
             await self._spool.note_waiting(route, reason)
+        self._controls = await self._spool.job_controls()
         for group, (transport, routes) in self._groups.items():
             in_flight = self._in_flight_of[group]
             free = MESSAGES_PER_CONNECTION * transport.concurrency - len(in_flight)
-            if free <= 0 or self._stopping:
+            # Track routes first, each within its window and rate; then the others.
+            for route in routes:
+                pace = self._paces.get(route)
+                if pace is None or free <= 0 or self._stopping:
+                    continue
+                allowance = pace.allowance(now)
+                if allowance == 0:
+                    if why := pace.waiting_reason(now):
+                        await self._spool.note_waiting(route, why)
+                    continue
+                leased = await self._spool.lease_due(
+                    [route], now, free if allowance is None else min(free, allowance)
+                )
+                pace.took(len(leased), now)
+                for _ in leased:  # so that the rate holds across a restart
+                    await self._spool.log_send(pace.ledger_key(route), now)
+                free -= self._start(leased, in_flight)
+            unpaced = [route for route in routes if route not in self._paces]
+            if unpaced and free > 0 and not self._stopping:
+                self._start(await self._spool.lease_due(unpaced, now, free), in_flight)
+
+    async def _restore_paces(self) -> None:
+        now = clock.now()
+        for route, pace in self._paces.items():
+            if pace.rate is None:
                 continue
-            for delivery in await self._spool.lease_due(routes, time.time(), free):
-                task = asyncio.create_task(self._deliver(delivery))
-                self._in_flight.add(task)
-                in_flight.add(task)
-                task.add_done_callback(self._finished)
+            try:
+                sent = await self._spool.sends_since(pace.ledger_key(route), now - pace.rate.window)
+            except Exception:
+                log.exception("cannot read the route's last sends; its rate starts afresh")
+                continue
+            if sent:
+                pace.sent_at(sent[-1])
+
+    def _start(self, deliveries: Sequence[Delivery], in_flight: set[asyncio.Task[None]]) -> int:
+        for delivery in deliveries:
+            task = asyncio.create_task(self._deliver(delivery))
+            self._in_flight.add(task)
+            in_flight.add(task)
+            task.add_done_callback(self._finished)
+        return len(deliveries)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
@@ -117,6 +161,10 @@ class Scheduler:
     async def _deliver(self, delivery: Delivery) -> None:
         transport = self._transports[delivery.route]
         async with self._slots[delivery.route]:
+            control = self._controls.get(delivery.job)
+            if control is not None:  # paused, held or cancelled since it was leased
+                await self._record(delivery, _stopped(delivery, control), clock.now())
+                return
             try:
                 outcomes = await transport.deliver(delivery)
             except asyncio.CancelledError:
@@ -127,38 +175,57 @@ class Scheduler:
         if any(o.verdict is Verdict.DELIVERED for o in outcomes.values()):
             crashpoints.reached("after_upstream_ok")
         policy = self._retry[delivery.route]
-        now = time.time()
+        now = clock.now()
         internal = Outcome.deferred("451 4.3.0 internal error in smtpgate", Scope.SESSION)
         updates = [
             policy.decide(
                 r.id,
                 outcomes.get(r.id, internal),
                 attempts_before=r.attempts,
-                received_at=delivery.received_at,
+                received_at=delivery.lifetime_from,
                 now=now,
             )
             for r in delivery.recipients
         ]
-        await self._record(delivery, updates, now)
+        recorded = await self._record(delivery, updates, now)
+        failures = []
         for recipient, update in zip(delivery.recipients, updates, strict=True):
-            if update.state is RecipientState.FAILED and (update.reply or "").startswith("gave up"):
+            if update.state is not RecipientState.FAILED:
+                continue
+            failures.append((recipient.address, update.reply or ""))
+            if (update.reply or "").startswith("gave up"):
                 log.warning(
                     "recipient failed: retry lifetime over",
                     queue_id=delivery.queue_id,
+                    job=delivery.job,
                     route=delivery.route,
                     recipient=recipient.address,
                     reply=update.reply,
                 )
+        if recorded and failures and self._bouncer and self._bouncer.wants(delivery):
+            await self._bounce(self._bouncer, delivery, failures)
+
+    async def _bounce(
+        self, bouncer: Bouncer, delivery: Delivery, failures: list[tuple[str, str]]
+    ) -> None:
+        """Queue the DSN. Written after the failures are recorded: a crash in between
+        loses the notice, never the decision (the failure stays visible in `job show`)."""
+        try:
+            await bouncer.bounce(delivery, failures)
+        except Exception:
+            log.exception("cannot queue the bounce", queue_id=delivery.queue_id)
+            return
+        self._wake.set()
 
     async def _record(
         self, delivery: Delivery, updates: Sequence[RecipientUpdate], now: float
-    ) -> None:
+    ) -> bool:
         """Write the results, retrying while the spool refuses: a delivered recipient
         left `sending` would be sent again at the next start."""
         for errors in range(len(SPOOL_RETRY_SECONDS) * 20):
             try:
                 await self._spool.record(updates, now)
-                return
+                return True
             except Exception:
                 wait = SPOOL_RETRY_SECONDS[min(errors, len(SPOOL_RETRY_SECONDS) - 1)]
                 log.exception(
@@ -172,3 +239,29 @@ class Scheduler:
             " are sent again after a restart",
             queue_id=delivery.queue_id,
         )
+        return False
+
+
+def _stopped(delivery: Delivery, control: JobControl) -> list[RecipientUpdate]:
+    """A leased delivery whose job was stopped before it went out: cancelled ones end
+    here; paused or held ones go back, no attempt counted, until the job goes on."""
+    if control is JobControl.CANCELLED:
+        return [
+            RecipientUpdate(
+                r.id,
+                RecipientState.CANCELLED,
+                "cancelled by smtpgate job cancel",
+                counts_as_attempt=False,
+            )
+            for r in delivery.recipients
+        ]
+    return [
+        RecipientUpdate(
+            r.id,
+            RecipientState.DEFERRED if r.attempts else RecipientState.QUEUED,
+            None,
+            next_attempt=delivery.send_at or 0.0,
+            counts_as_attempt=False,
+        )
+        for r in delivery.recipients
+    ]

@@ -14,17 +14,20 @@ import socket
 import time
 
 from smtpgate import logs
+from smtpgate.bounce import Bouncer
 from smtpgate.config import Config
 from smtpgate.delivery.retry import RetryPolicy
 from smtpgate.listener import Connections, Handler, protocol_factory
+from smtpgate.pacing import RoutePace
 from smtpgate.passthrough import Passthrough
 from smtpgate.policy import RelayPolicy, refuse_open_relay
 from smtpgate.router import Router
-from smtpgate.scheduler import Scheduler
+from smtpgate.scheduler import POLL_SECONDS, Scheduler
 from smtpgate.spool import Spool, SqliteSpool
 from smtpgate.transports import RelayTransport, Transport
 from smtpgate.transports.direct import DirectTransport
 from smtpgate.transports.mx import MxResolver
+from smtpgate.windows import SendingWindows
 
 log = logs.get(__name__)
 
@@ -52,16 +55,19 @@ class Server:
         relays: dict[str, RelayTransport] = {}
         direct: DirectTransport | None = None
         for name, route in self.config.routes.items():
-            if route.mode == "relay" and route.relay:
-                if route.relay not in relays:
-                    relays[route.relay] = RelayTransport(
-                        route.relay,
-                        self.config.relays[route.relay],
+            # A track route sends onward through its `via`: a relay's transport, shared
+            # with the relay routes naming it, or the direct one.
+            relay = route.relay if route.mode == "relay" else route.via
+            if relay and relay in self.config.relays:
+                if relay not in relays:
+                    relays[relay] = RelayTransport(
+                        relay,
+                        self.config.relays[relay],
                         helo_name=self.config.server.hostname,
-                        password=passwords[route.relay],
+                        password=passwords[relay],
                         ledger=spool,
                     )
-                transports[name] = relays[route.relay]
+                transports[name] = relays[relay]
             else:
                 if direct is None:
                     direct = DirectTransport(
@@ -97,7 +103,17 @@ class Server:
             for transport in set(transports.values()):
                 await transport.start()
             retry = {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports}
-            scheduler = Scheduler(spool, transports, retry, waiting)
+            router = Router(config)
+            paces = {
+                name: RoutePace(
+                    SendingWindows(route.window, route.timezone), route.rate, POLL_SECONDS
+                )
+                for name, route in config.routes.items()
+                if route.mode == "track"
+            }
+            scheduler = Scheduler(
+                spool, transports, retry, waiting, paces, Bouncer(config, spool, router)
+            )
             # 4. The accepting side.
             policy = RelayPolicy(config.server.trusted_networks)
             connections = Connections(
@@ -114,7 +130,7 @@ class Server:
             handler = Handler(
                 config,
                 spool,
-                Router(config),
+                router,
                 policy,
                 on_stored=scheduler.wake,
                 passthrough=passthrough,

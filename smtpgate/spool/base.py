@@ -29,6 +29,46 @@ class RecipientState(enum.StrEnum):
 
 PENDING_STATES = (RecipientState.QUEUED, RecipientState.DEFERRED)
 FINAL_STATES = (RecipientState.DELIVERED, RecipientState.FAILED, RecipientState.CANCELLED)
+UNFINISHED_STATES = (*PENDING_STATES, RecipientState.SENDING, RecipientState.HELD)
+
+
+class JobControl(enum.StrEnum):
+    """What an operator set on a job; stored. `active` lets the scheduler send it."""
+
+    ACTIVE = "active"
+    HELD = "held"  # a route with hold = true: waits for `smtpgate job release`
+    PAUSED = "paused"
+    CANCELLED = "cancelled"
+
+
+class JobState(enum.StrEnum):
+    """A job as people see it: its control, else what its recipients say."""
+
+    QUEUED = "queued"
+    HELD = "held"
+    SENDING = "sending"
+    PAUSED = "paused"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+class JobAction(enum.StrEnum):
+    CANCEL = "cancel"
+    PAUSE = "pause"
+    RESUME = "resume"
+    RELEASE = "release"
+
+
+class JobError(Exception):
+    """A job control that cannot apply (no such job, or not in a state it can act on)."""
+
+
+class JobCancelledError(JobError):
+    """Mail for a job that was cancelled: refused, so the client knows it was not sent."""
+
+    def __init__(self, job: str) -> None:
+        super().__init__(f"job {job!r} was cancelled and takes no more mail")
+        self.job = job
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -43,6 +83,8 @@ class NewRecipient:
     address: str
     route: str
     leased: bool = False  # stored as `sending`: a passthrough session delivers it now
+    job: str = ""  # empty: the route's job of the day (see smtpgate.jobs)
+    hold: bool = False  # a new job for it starts held (the route has hold = true)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +99,8 @@ class NewMessage:
     helo: str
     smtputf8: bool = False
     received_at: float = field(default_factory=time.time)
+    send_at: float | None = None  # X-Smtpgate-Send-At: not sent before this time
+    submitted_by: str | None = None  # the AUTH user of the session, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +121,14 @@ class Delivery:
     smtputf8: bool
     received_at: float
     recipients: tuple[LeasedRecipient, ...]
+    job: str = ""
+    send_at: float | None = None
+
+    @property
+    def lifetime_from(self) -> float:
+        """Retries give up this long after the message was due, not after it arrived: a
+        message scheduled for next week must not expire before its first attempt."""
+        return max(self.received_at, self.send_at or 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +165,48 @@ class MessageView:
     client_address: str
     helo: str
     recipients: tuple[RecipientView, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    name: str
+    route: str
+    control: JobControl
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    send_at: float | None
+    submitted_by: str | None
+    counts: dict[RecipientState, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def unfinished(self) -> int:
+        return sum(self.counts.get(s, 0) for s in UNFINISHED_STATES)
+
+    @property
+    def state(self) -> JobState:
+        if self.control is not JobControl.ACTIVE:
+            return JobState(self.control.value)
+        if self.unfinished == 0:
+            return JobState.DONE
+        return JobState.SENDING if self.started_at is not None else JobState.QUEUED
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecipientView:
+    id: int
+    queue_id: str
+    address: str
+    route: str
+    state: RecipientState
+    attempts: int
+    last_reply: str | None
+    updated_at: float
+    via: str | None
 
 
 class SpoolLockedError(Exception):
@@ -169,6 +263,43 @@ class Spool(abc.ABC):
 
     @abc.abstractmethod
     async def content(self, queue_id: str) -> bytes | None: ...
+
+    # --- jobs: every recipient belongs to one ----------------------------------------
+
+    @abc.abstractmethod
+    async def jobs(self) -> list[JobView]:
+        """Every job with its counts by recipient state, newest first."""
+
+    @abc.abstractmethod
+    async def job(self, name: str) -> JobView | None: ...
+
+    @abc.abstractmethod
+    async def job_failures(self, name: str, limit: int) -> list[tuple[str, int]]:
+        """The most common last replies of the job's failed recipients, with counts."""
+
+    @abc.abstractmethod
+    async def job_recipients(
+        self, name: str, state: RecipientState | None, after_id: int, limit: int
+    ) -> list[JobRecipientView]:
+        """A page of the job's recipients in id order, after `after_id` (0: from the start)."""
+
+    @abc.abstractmethod
+    async def control_job(self, name: str, action: JobAction, now: float) -> int:
+        """Cancel, pause, resume or release a job; returns the recipients it changed.
+        Raises JobError when the job does not exist or the action does not apply."""
+
+    @abc.abstractmethod
+    async def retry_job(self, name: str, now: float, *, failed_too: bool) -> int:
+        """Deferred recipients due now; with `failed_too` failed ones are queued again."""
+
+    @abc.abstractmethod
+    async def schedule_job(self, name: str, send_at: float | None) -> None:
+        """Nothing of the job is sent before `send_at` (None: no such limit)."""
+
+    @abc.abstractmethod
+    async def job_controls(self) -> dict[str, JobControl]:
+        """Jobs that must not send now (paused, held, cancelled), read at every turn of
+        the scheduler so that a control from the CLI acts within a second."""
 
     # --- per-relay state that must survive a restart ---------------------------------
 

@@ -10,20 +10,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import itertools
 import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from smtpgate import crashpoints
+from smtpgate.jobs import day_job
 from smtpgate.spool.base import (
     Delivery,
+    JobAction,
+    JobCancelledError,
+    JobControl,
+    JobError,
+    JobRecipientView,
+    JobView,
     LeasedRecipient,
     MessageView,
     NewMessage,
+    NewRecipient,
     RecipientState,
     RecipientUpdate,
     RecipientView,
@@ -36,9 +45,27 @@ T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 Queued = tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop, bool]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = {  # from version N to N + 1
     1: "ALTER TABLE recipients ADD COLUMN via TEXT;",
+    2: """
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, route TEXT NOT NULL,
+        control TEXT NOT NULL DEFAULT 'active', created_at REAL NOT NULL, started_at REAL,
+        finished_at REAL, served_at REAL, send_at REAL, submitted_by TEXT
+    );
+    ALTER TABLE messages ADD COLUMN send_at REAL;
+    ALTER TABLE messages ADD COLUMN submitted_by TEXT;
+    ALTER TABLE recipients ADD COLUMN job_id INTEGER REFERENCES jobs(id);
+    INSERT INTO jobs (name, route, created_at)
+        SELECT r.route || '-' || date(min(m.received_at), 'unixepoch', 'localtime'),
+               r.route, min(m.received_at)
+        FROM recipients r JOIN messages m USING (queue_id) GROUP BY r.route;
+    UPDATE recipients SET job_id = (SELECT id FROM jobs WHERE jobs.route = recipients.route);
+    UPDATE jobs SET finished_at = created_at WHERE NOT EXISTS (SELECT 1 FROM recipients
+        WHERE job_id = jobs.id AND state IN ('queued', 'deferred', 'sending', 'held'));
+    DROP INDEX IF EXISTS recipients_due;
+    """,
 }
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -49,7 +76,21 @@ CREATE TABLE IF NOT EXISTS messages (
     client_address TEXT NOT NULL,
     helo           TEXT NOT NULL,
     smtputf8       INTEGER NOT NULL,
-    content        BLOB NOT NULL
+    content        BLOB NOT NULL,
+    send_at        REAL,
+    submitted_by   TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id           INTEGER PRIMARY KEY,
+    name         TEXT NOT NULL UNIQUE,
+    route        TEXT NOT NULL,  -- of its first recipient: what `smtpgate jobs` shows
+    control      TEXT NOT NULL DEFAULT 'active',
+    created_at   REAL NOT NULL,
+    started_at   REAL,
+    finished_at  REAL,  -- set when nothing is left to send; cleared when mail joins again
+    served_at    REAL,  -- last lease: the least recently served job goes first
+    send_at      REAL,
+    submitted_by TEXT
 );
 CREATE TABLE IF NOT EXISTS recipients (
     id           INTEGER PRIMARY KEY,
@@ -61,11 +102,13 @@ CREATE TABLE IF NOT EXISTS recipients (
     next_attempt REAL,
     last_reply   TEXT,
     updated_at   REAL NOT NULL,
-    via          TEXT
+    via          TEXT,
+    job_id       INTEGER REFERENCES jobs(id)
 );
 CREATE INDEX IF NOT EXISTS recipients_of_message ON recipients(queue_id);
-CREATE INDEX IF NOT EXISTS recipients_due ON recipients(next_attempt)
+CREATE INDEX IF NOT EXISTS recipients_due_by_job ON recipients(job_id, next_attempt)
     WHERE state IN ('queued', 'deferred');
+CREATE INDEX IF NOT EXISTS recipients_by_job ON recipients(job_id, state);
 CREATE INDEX IF NOT EXISTS recipients_unexplained ON recipients(route, state)
     WHERE last_reply IS NULL;
 CREATE INDEX IF NOT EXISTS messages_by_age ON messages(received_at);
@@ -123,7 +166,7 @@ class SqliteSpool(Spool):
                 queue_id = new_queue_id(message.received_at + step / 1_000_000)
                 try:
                     db.execute(
-                        "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             queue_id,
                             message.sender,
@@ -133,6 +176,8 @@ class SqliteSpool(Spool):
                             message.helo,
                             message.smtputf8,
                             message.content,
+                            message.send_at,
+                            message.submitted_by,
                         ),
                     )
                 except sqlite3.IntegrityError:
@@ -140,20 +185,20 @@ class SqliteSpool(Spool):
                 break
             else:
                 raise RuntimeError(f"no free queue id after {ID_ATTEMPTS} attempts")
+            due = max(message.received_at, message.send_at or 0.0)
+            jobs: dict[str, tuple[int, str]] = {}
+            rows = []
+            for r in message.recipients:
+                name = r.job or day_job(r.route, message.received_at)
+                if name not in jobs:
+                    jobs[name] = _join_job(db, name, r, message)
+                job_id, control = jobs[name]
+                state = "sending" if r.leased else "held" if control == "held" else "queued"
+                rows.append((queue_id, r.address, r.route, state, due, message.received_at, job_id))
             db.executemany(
                 "INSERT INTO recipients (queue_id, address, route, state, next_attempt,"
-                " updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        queue_id,
-                        r.address,
-                        r.route,
-                        "sending" if r.leased else "queued",
-                        message.received_at,
-                        message.received_at,
-                    )
-                    for r in message.recipients
-                ],
+                " updated_at, job_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                rows,
             )
             return queue_id
 
@@ -166,39 +211,78 @@ class SqliteSpool(Spool):
             return []
 
         def lease(db: sqlite3.Connection) -> list[Delivery]:
+            # Jobs take turns, least recently served first, one message each per round:
+            # a job of a million recipients never starves a small one queued after it.
+            jobs = db.execute(
+                "SELECT id, name FROM jobs WHERE control = 'active' AND finished_at IS NULL"
+                " AND coalesce(send_at, 0) <= ? ORDER BY coalesce(served_at, 0), id",
+                (now,),
+            ).fetchall()
             due = (
-                "state IN ('queued', 'deferred') AND next_attempt <= ?"
+                "job_id = ? AND state IN ('queued', 'deferred') AND next_attempt <= ?"
                 f" AND route IN ({_marks(routes)})"
             )
-            # The oldest-due messages (looking at a bounded window of the due index),
-            # then every due recipient of those messages.
-            rows = db.execute(
-                f"UPDATE recipients SET state = 'sending', updated_at = ? WHERE {due}"
-                " AND queue_id IN (SELECT queue_id FROM (SELECT queue_id, next_attempt"
-                f" FROM recipients WHERE {due} ORDER BY next_attempt LIMIT ?)"
-                " GROUP BY queue_id ORDER BY min(next_attempt) LIMIT ?)"
-                " RETURNING next_attempt, id, queue_id, address, route, attempts",
-                (now, now, *routes, now, *routes, LEASE_WINDOW, limit),
-            ).fetchall()
+            candidates = []
+            for job_id, _ in jobs:
+                queue_ids = db.execute(
+                    "SELECT queue_id FROM (SELECT queue_id, next_attempt, id FROM recipients"
+                    f" WHERE {due} ORDER BY next_attempt, id LIMIT ?)"
+                    " GROUP BY queue_id ORDER BY min(next_attempt), min(id) LIMIT ?",
+                    (job_id, now, *routes, LEASE_WINDOW, limit),
+                ).fetchall()
+                candidates.append([(job_id, queue_id) for (queue_id,) in queue_ids])
+            chosen = [pick for turn in itertools.zip_longest(*candidates) for pick in turn if pick]
+            names = dict(jobs)
             grouped: dict[tuple[str, str], list[LeasedRecipient]] = {}
-            for _, rid, queue_id, address, route, attempts in sorted(rows):
-                grouped.setdefault((queue_id, route), []).append(
-                    LeasedRecipient(rid, address, attempts)
-                )
+            jobs_of: dict[tuple[str, str], str] = {}
+            for job_id, queue_id in chosen[:limit]:
+                rows = db.execute(
+                    f"UPDATE recipients SET state = 'sending', updated_at = ? WHERE {due}"
+                    " AND queue_id = ? RETURNING id, address, route, attempts",
+                    (now, job_id, now, *routes, queue_id),
+                ).fetchall()
+                for rid, address, route, attempts in sorted(rows):
+                    grouped.setdefault((queue_id, route), []).append(
+                        LeasedRecipient(rid, address, attempts)
+                    )
+                    jobs_of[(queue_id, route)] = names[job_id]
+            served = sorted({job_id for job_id, _ in chosen[:limit]})
+            db.executemany(
+                "UPDATE jobs SET served_at = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
+                [(now, now, job_id) for job_id in served],
+            )
             messages = _fetch_messages(db, {queue_id for queue_id, _ in grouped})
-            return [
-                Delivery(queue_id, route, *messages[queue_id], tuple(recipients))
-                for (queue_id, route), recipients in grouped.items()
-            ]
+            deliveries = []
+            for (queue_id, route), recipients in grouped.items():
+                sender, content, smtputf8, received_at, send_at = messages[queue_id]
+                deliveries.append(
+                    Delivery(
+                        queue_id,
+                        route,
+                        sender,
+                        content,
+                        smtputf8,
+                        received_at,
+                        tuple(recipients),
+                        job=jobs_of[(queue_id, route)],
+                        send_at=send_at,
+                    )
+                )
+            return deliveries
 
         return await self._writer.submit(lease)
 
     async def record(self, updates: Sequence[RecipientUpdate], now: float) -> None:
         def write(db: sqlite3.Connection) -> None:
+            # A job cancelled while these were on the wire: what went out stays
+            # delivered or failed, what would be tried again is cancelled instead.
             db.executemany(
-                "UPDATE recipients SET state = ?, last_reply = coalesce(?, last_reply),"
-                " next_attempt = ?, attempts = attempts + ?, updated_at = ?,"
-                " via = coalesce(?, via) WHERE id = ? AND state = 'sending'",
+                "UPDATE recipients SET state = CASE WHEN ?1 IN ('queued', 'deferred')"
+                " AND (SELECT control FROM jobs WHERE id = job_id) = 'cancelled'"
+                " THEN 'cancelled' ELSE ?1 END,"
+                " last_reply = coalesce(?2, last_reply),"
+                " next_attempt = ?3, attempts = attempts + ?4, updated_at = ?5,"
+                " via = coalesce(?6, via) WHERE id = ?7 AND state = 'sending'",
                 [
                     (
                         u.state.value,
@@ -212,6 +296,8 @@ class SqliteSpool(Spool):
                     for u in updates
                 ],
             )
+            ids = [u.recipient_id for u in updates]
+            _settle_jobs(db, _jobs_of(db, ids), now)
 
         await self._writer.submit(write)
 
@@ -313,6 +399,122 @@ class SqliteSpool(Spool):
 
     # --- reads ----------------------------------------------------------------------
 
+    async def jobs(self) -> list[JobView]:
+        def read(db: sqlite3.Connection) -> list[JobView]:
+            return _job_views(db, "SELECT {} FROM jobs ORDER BY created_at DESC, id DESC", ())
+
+        return await self._writer.submit(read, reads_only=True)
+
+    async def job(self, name: str) -> JobView | None:
+        def read(db: sqlite3.Connection) -> JobView | None:
+            views = _job_views(db, "SELECT {} FROM jobs WHERE name = ?", (name,))
+            return views[0] if views else None
+
+        return await self._writer.submit(read, reads_only=True)
+
+    async def job_failures(self, name: str, limit: int) -> list[tuple[str, int]]:
+        def read(db: sqlite3.Connection) -> list[tuple[str, int]]:
+            return [
+                (reply or "(no reply)", count)
+                for reply, count in db.execute(
+                    "SELECT last_reply, count(*) FROM recipients WHERE job_id ="
+                    " (SELECT id FROM jobs WHERE name = ?) AND state = 'failed'"
+                    " GROUP BY last_reply ORDER BY count(*) DESC, last_reply LIMIT ?",
+                    (name, limit),
+                )
+            ]
+
+        return await self._writer.submit(read, reads_only=True)
+
+    async def job_recipients(
+        self, name: str, state: RecipientState | None, after_id: int, limit: int
+    ) -> list[JobRecipientView]:
+        def read(db: sqlite3.Connection) -> list[JobRecipientView]:
+            sql = (
+                "SELECT id, queue_id, address, route, state, attempts, last_reply, updated_at,"
+                " via FROM recipients WHERE job_id = (SELECT id FROM jobs WHERE name = ?)"
+                " AND id > ?"
+            )
+            params: tuple[object, ...] = (name, after_id)
+            if state is not None:
+                sql += " AND state = ?"
+                params += (state.value,)
+            rows = db.execute(sql + " ORDER BY id LIMIT ?", (*params, limit)).fetchall()
+            return [
+                JobRecipientView(rid, qid, address, route, RecipientState(st), *rest)
+                for rid, qid, address, route, st, *rest in rows
+            ]
+
+        return await self._writer.submit(read, reads_only=True)
+
+    async def control_job(self, name: str, action: JobAction, now: float) -> int:
+        def control(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT id, control FROM jobs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise JobError(f"no job {name!r}; `smtpgate jobs` lists them")
+            job_id, current = row
+            allowed, new = _JOB_TRANSITIONS[action]
+            if current not in allowed:
+                raise JobError(f"job {name!r} is {current}; it cannot {action.value}")
+            db.execute("UPDATE jobs SET control = ? WHERE id = ?", (new, job_id))
+            changed = 0
+            if action is JobAction.CANCEL:
+                changed = db.execute(
+                    "UPDATE recipients SET state = 'cancelled', updated_at = ?,"
+                    " last_reply = 'cancelled by smtpgate job cancel' WHERE job_id = ?"
+                    " AND state IN ('queued', 'deferred', 'held')",
+                    (now, job_id),
+                ).rowcount
+            elif action is JobAction.RELEASE:
+                changed = db.execute(
+                    "UPDATE recipients SET state = 'queued', updated_at = ?"
+                    " WHERE job_id = ? AND state = 'held'",
+                    (now, job_id),
+                ).rowcount
+            _settle_jobs(db, [job_id], now)
+            return changed
+
+        return await self._writer.submit(control)
+
+    async def retry_job(self, name: str, now: float, *, failed_too: bool) -> int:
+        def retry(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT id FROM jobs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                raise JobError(f"no job {name!r}; `smtpgate jobs` lists them")
+            states = "('deferred', 'failed')" if failed_too else "('deferred')"
+            changed: int = db.execute(
+                "UPDATE recipients SET state = CASE state WHEN 'failed' THEN 'queued'"
+                " ELSE state END, next_attempt = ?, updated_at = ?"
+                f" WHERE job_id = ? AND state IN {states}",
+                (now, now, row[0]),
+            ).rowcount
+            if changed:
+                db.execute("UPDATE jobs SET finished_at = NULL WHERE id = ?", (row[0],))
+            return changed
+
+        return await self._writer.submit(retry)
+
+    async def schedule_job(self, name: str, send_at: float | None) -> None:
+        def schedule(db: sqlite3.Connection) -> None:
+            if not db.execute(
+                "UPDATE jobs SET send_at = ? WHERE name = ?", (send_at, name)
+            ).rowcount:
+                raise JobError(f"no job {name!r}; `smtpgate jobs` lists them")
+
+        await self._writer.submit(schedule)
+
+    async def job_controls(self) -> dict[str, JobControl]:
+        def read(db: sqlite3.Connection) -> dict[str, JobControl]:
+            return {
+                name: JobControl(control)
+                for name, control in db.execute(
+                    "SELECT name, control FROM jobs WHERE control != 'active'"
+                    " AND finished_at IS NULL"
+                )
+            }
+
+        return await self._writer.submit(read, reads_only=True)
+
     async def messages(self, limit: int | None = None) -> list[MessageView]:
         def read(db: sqlite3.Connection) -> list[MessageView]:
             rows = db.execute(
@@ -346,6 +548,19 @@ class SqliteSpool(Spool):
         return await self._writer.submit(read, reads_only=True)
 
 
+def _jobs_of(db: sqlite3.Connection, recipient_ids: Sequence[int]) -> set[int]:
+    jobs: set[int] = set()
+    for start in range(0, len(recipient_ids), 500):
+        chunk = recipient_ids[start : start + 500]
+        jobs.update(
+            job_id
+            for (job_id,) in db.execute(
+                f"SELECT DISTINCT job_id FROM recipients WHERE id IN ({_marks(chunk)})", chunk
+            )
+        )
+    return jobs
+
+
 def _marks(values: Sequence[object]) -> str:
     """Bound-parameter placeholders: values never enter the SQL text."""
     return ",".join("?" * len(values))
@@ -353,18 +568,92 @@ def _marks(values: Sequence[object]) -> str:
 
 def _fetch_messages(
     db: sqlite3.Connection, queue_ids: set[str]
-) -> dict[str, tuple[str, bytes, bool, float]]:
-    found: dict[str, tuple[str, bytes, bool, float]] = {}
+) -> dict[str, tuple[str, bytes, bool, float, float | None]]:
+    found: dict[str, tuple[str, bytes, bool, float, float | None]] = {}
     ids = sorted(queue_ids)
     for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
         chunk = ids[start : start + 500]
-        for queue_id, sender, content, smtputf8, received_at in db.execute(
-            "SELECT queue_id, sender, content, smtputf8, received_at FROM messages"
+        for queue_id, sender, content, smtputf8, received_at, send_at in db.execute(
+            "SELECT queue_id, sender, content, smtputf8, received_at, send_at FROM messages"
             f" WHERE queue_id IN ({_marks(chunk)})",
             chunk,
         ):
-            found[queue_id] = (sender, bytes(content), bool(smtputf8), received_at)
+            found[queue_id] = (sender, bytes(content), bool(smtputf8), received_at, send_at)
     return found
+
+
+def _join_job(
+    db: sqlite3.Connection, name: str, recipient: NewRecipient, message: NewMessage
+) -> tuple[int, str]:
+    """The job's id and control, creating the job (held if its route holds new jobs).
+    Mail joining a finished job opens it again; a cancelled job takes no more mail."""
+    job_id, control = db.execute(
+        "INSERT INTO jobs (name, route, control, created_at, submitted_by)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET finished_at = NULL"
+        " RETURNING id, control",
+        (
+            name,
+            recipient.route,
+            "held" if recipient.hold else "active",
+            message.received_at,
+            message.submitted_by,
+        ),
+    ).fetchone()
+    if control == "cancelled":
+        raise JobCancelledError(name)
+    return job_id, control
+
+
+def _settle_jobs(db: sqlite3.Connection, job_ids: Iterable[int], now: float) -> None:
+    """Mark jobs with nothing left to send as finished (the scheduler stops asking)."""
+    db.executemany(
+        "UPDATE jobs SET finished_at = ? WHERE id = ? AND finished_at IS NULL AND NOT EXISTS"
+        " (SELECT 1 FROM recipients WHERE job_id = jobs.id"
+        " AND state IN ('queued', 'deferred', 'sending', 'held'))",
+        [(now, job_id) for job_id in job_ids],
+    )
+
+
+_JOB_COLUMNS = (
+    "id, name, route, control, created_at, started_at, finished_at, send_at, submitted_by"
+)
+_JOB_TRANSITIONS = {  # action: (controls it applies to, the control it sets)
+    JobAction.CANCEL: (("active", "held", "paused"), "cancelled"),
+    JobAction.PAUSE: (("active",), "paused"),
+    JobAction.RESUME: (("paused",), "active"),
+    JobAction.RELEASE: (("held",), "active"),
+}
+
+
+def _job_views(db: sqlite3.Connection, sql: str, params: tuple[object, ...]) -> list[JobView]:
+    """Jobs with their counts. The counts come from the (job_id, state) index alone, so a
+    spool of a million recipients is counted without reading a single recipient row."""
+    jobs = db.execute(sql.format(_JOB_COLUMNS), params).fetchall()
+    counts: dict[int, dict[RecipientState, int]] = {job[0]: {} for job in jobs}
+    if len(jobs) == 1:
+        rows = db.execute(
+            "SELECT job_id, state, count(*) FROM recipients WHERE job_id = ? GROUP BY state",
+            (jobs[0][0],),
+        )
+    else:
+        rows = db.execute("SELECT job_id, state, count(*) FROM recipients GROUP BY job_id, state")
+    for job_id, state, count in rows:
+        if job_id in counts:
+            counts[job_id][RecipientState(state)] = count
+    return [
+        JobView(
+            name=row[1],
+            route=row[2],
+            control=JobControl(row[3]),
+            created_at=row[4],
+            started_at=row[5],
+            finished_at=row[6],
+            send_at=row[7],
+            submitted_by=row[8],
+            counts=counts[row[0]],
+        )
+        for row in jobs
+    ]
 
 
 def _with_recipients(db: sqlite3.Connection, rows: list[Any]) -> list[MessageView]:

@@ -1,0 +1,137 @@
+"""Bounces: an RFC 3464 delivery status notification when recipients finally fail.
+
+Only for routes with `bounce = true`: a local gateway's clients usually learn of failures
+from `smtpgate job show`, and a bounce to an address nobody reads is noise. The DSN has
+the null sender and is routed by the rules like any other message, so it goes out the way
+mail to the original sender would. A bounce is never bounced: mail with the null sender
+gets none (RFC 5321 4.5.5), which also ends any loop.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from collections.abc import Sequence
+from email.message import EmailMessage, Message
+from email.policy import SMTP
+
+from smtpgate import clock, logs
+from smtpgate.config import Config
+from smtpgate.jobs import job_of
+from smtpgate.router import Envelope, Router
+from smtpgate.spool.base import Delivery, NewMessage, NewRecipient, Spool
+
+log = logs.get(__name__)
+
+_ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+_HEADERS_QUOTED = 64 * 1024  # of the original message, in the DSN's third part
+
+
+class Bouncer:
+    def __init__(self, config: Config, spool: Spool, router: Router) -> None:
+        self._config = config
+        self._spool = spool
+        self._router = router
+        self._hostname = config.server.hostname
+
+    def wants(self, delivery: Delivery) -> bool:
+        return bool(delivery.sender) and self._config.routes[delivery.route].bounce
+
+    async def bounce(self, delivery: Delivery, failures: Sequence[tuple[str, str]]) -> str:
+        """Store a DSN for these (recipient, last reply) pairs; returns its queue id."""
+        now = clock.now()
+        content = dsn(delivery, failures, self._hostname, now)
+        envelope = Envelope(sender="", client_ip=None, route_header=None)
+        route = self._router.route(envelope, delivery.sender)
+        queue_id = await self._spool.store(
+            NewMessage(
+                sender="",
+                recipients=[
+                    NewRecipient(
+                        delivery.sender,
+                        route,
+                        job=job_of(None, route, self._config.routes[route], now),
+                    )
+                ],
+                content=content,
+                client_address="",
+                helo=self._hostname,
+                received_at=now,
+            )
+        )
+        log.info(
+            "bounce queued",
+            queue_id=queue_id,
+            original=delivery.queue_id,
+            job=delivery.job,
+            to=delivery.sender,
+            failed=len(failures),
+        )
+        return queue_id
+
+
+def dsn(
+    delivery: Delivery, failures: Sequence[tuple[str, str]], hostname: str, now: float
+) -> bytes:
+    """The multipart/report: a note for people, the machine-readable status per
+    recipient, and the original message's header section."""
+    report = EmailMessage(policy=SMTP)
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
+    report["To"] = delivery.sender
+    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Date"] = email.utils.formatdate(now, usegmt=True)
+    report["Message-ID"] = email.utils.make_msgid(domain=hostname)
+    report["Auto-Submitted"] = "auto-replied"  # RFC 3834: never answered automatically
+    listed = "\n".join(f"<{address}>: {reply}" for address, reply in failures)
+    report.set_content(
+        f"This is the mail system at {hostname}.\n\n"
+        "Your message could not be delivered to one or more recipients; smtpgate has\n"
+        f"stopped trying. Queue id {delivery.queue_id}, job {delivery.job}.\n\n{listed}\n"
+    )
+    per_message = _fields(
+        ("Reporting-MTA", f"dns; {hostname}"),
+        ("X-Smtpgate-Queue-ID", delivery.queue_id),
+        ("Arrival-Date", email.utils.formatdate(delivery.received_at, usegmt=True)),
+    )
+    per_recipient = [
+        _fields(
+            ("Final-Recipient", f"rfc822; {address}"),
+            ("Action", "failed"),
+            ("Status", _status(reply)),
+            ("Diagnostic-Code", f"smtp; {_one_line(reply)}"),
+            ("Last-Attempt-Date", email.utils.formatdate(now, usegmt=True)),
+        )
+        for address, reply in failures
+    ]
+    status = EmailMessage(policy=SMTP)
+    status.set_type("message/delivery-status")
+    status.set_payload([per_message, *per_recipient])
+    headers = delivery.content.split(b"\r\n\r\n", 1)[0][:_HEADERS_QUOTED] + b"\r\n"
+    quoted = EmailMessage(policy=SMTP)
+    quoted.set_content(headers, "text", "rfc822-headers", cte="8bit")
+    report.make_mixed()
+    report.attach(status)
+    report.attach(quoted)
+    report.replace_header("Content-Type", "multipart/report")
+    report.set_param("report-type", "delivery-status")
+    return report.as_bytes()
+
+
+def _fields(*fields: tuple[str, str]) -> Message:
+    """One block of a delivery-status part (RFC 3464 2.1): fields, then an empty line."""
+    block = Message(policy=SMTP)
+    for name, value in fields:
+        block[name] = value
+    return block
+
+
+def _status(reply: str) -> str:
+    """The enhanced status code of the last reply (RFC 3463), else a generic one."""
+    match = _ENHANCED.search(reply)
+    if match and match.group(1)[0] in "45":
+        return match.group(1)
+    return "4.4.7" if reply.startswith("gave up") else "5.0.0"
+
+
+def _one_line(reply: str) -> str:
+    return " ".join(reply.split())
