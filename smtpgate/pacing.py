@@ -31,7 +31,8 @@ class RoutePace:
             return None
         if now < self._next_slot:
             return 0
-        return min(self._burst, 1 + math.floor((now - self._next_slot) / self._interval))
+        slots = (now - self._next_slot) / self._interval
+        return min(self._burst, 1 + math.floor(slots + 1e-9))  # 0.4 / 0.1 is 3.999...
 
     def took(self, count: int, now: float) -> None:
         if self.rate is None or count <= 0:
