@@ -17,7 +17,6 @@ from email.policy import SMTP
 
 from smtpgate import clock, logs
 from smtpgate.config import Config
-from smtpgate.jobs import job_of
 from smtpgate.router import Envelope, Router
 from smtpgate.spool.base import Delivery, NewMessage, NewRecipient, Spool
 
@@ -46,16 +45,13 @@ class Bouncer:
         queue_id = await self._spool.store(
             NewMessage(
                 sender="",
-                recipients=[
-                    NewRecipient(
-                        delivery.sender,
-                        route,
-                        job=job_of(None, route, self._config.routes[route], now),
-                    )
-                ],
+                # The route's job of the day, never the campaign's: a DSN is not part of
+                # it, and a cancelled or paused campaign must not hold its notices.
+                recipients=[NewRecipient(delivery.sender, route)],
                 content=content,
                 client_address="",
                 helo=self._hostname,
+                smtputf8=delivery.smtputf8,  # it quotes the original's header section
                 received_at=now,
             )
         )

@@ -18,13 +18,13 @@ class SendAtError(ValueError):
     """An X-Smtpgate-Send-At value that is not a date smtpgate can read."""
 
 
-def job_of(header: str | None, route_name: str, route: RouteConfig, received_at: float) -> str:
-    """The job a recipient on this route joins. A bad header name raises ValueError."""
+def job_of(header: str | None, route: RouteConfig) -> str:
+    """The job a recipient on this route joins; "" is the route's job of the day, which the
+    spool names (and replaces with a fresh one if someone cancelled it). A bad header name
+    raises ValueError."""
     if header is not None:
         return valid_job_name(header)
-    if route.job is not None:
-        return route.job
-    return day_job(route_name, received_at)
+    return route.job or ""
 
 
 def day_job(route_name: str, at: float) -> str:
@@ -36,18 +36,24 @@ def parse_send_at(text: str) -> float:
     """RFC 3339 ('2026-12-01T09:00:00+01:00', 'Z' allowed) or RFC 5322 ('Tue, 1 Dec 2026
     09:00:00 +0100'). A time without a zone is refused: it would be a guess."""
     text = text.strip()
+    iso = text.upper()  # RFC 3339 allows "t" and "z"
     try:
-        moment = dt.datetime.fromisoformat(text.replace(" ", "T", 1) if "T" not in text else text)
+        moment = dt.datetime.fromisoformat(iso.replace(" ", "T", 1) if "T" not in iso else iso)
     except ValueError:
         try:
             moment = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError):
+        except Exception:  # TypeError, ValueError, IndexError, OverflowError on odd input
             raise SendAtError(
                 f"{text[:60]!r} is not a date; use RFC 3339 (2026-12-01T09:00:00+01:00)"
                 " or RFC 5322 (Tue, 01 Dec 2026 09:00:00 +0100)"
             ) from None
+        if moment.tzinfo is None and text.endswith("-0000"):  # RFC 5322: UTC, zone unknown
+            moment = moment.replace(tzinfo=dt.UTC)
     if moment.tzinfo is None:
         raise SendAtError(
             f"{text[:60]!r} has no time zone; add one, as in 2026-12-01T09:00:00+01:00"
         )
-    return moment.timestamp()
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError):
+        raise SendAtError(f"{text[:60]!r} is out of range") from None

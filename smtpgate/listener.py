@@ -201,6 +201,7 @@ class Handler:
             )
         except ContentRefused as refused:
             log.warning("message refused", reason=refused.reply, client=_peer_ip(session))
+            await self._end_live(session)  # the upstream transaction must not stay open
             return refused.reply
         content, controls = split_controls(raw)
         sender = _sender(envelope)
@@ -209,10 +210,11 @@ class Handler:
         try:
             send_at = self._send_at(controls.get("send-at"), client_ip)
             job = valid_job_name(controls["job"]) if "job" in controls else None
-        except SendAtError as error:
-            return f"554 5.6.0 X-Smtpgate-Send-At: {error}"
-        except ValueError as error:
-            return f"554 5.6.0 X-Smtpgate-Job: {error}"
+        except ValueError as error:  # SendAtError included
+            header = "Send-At" if isinstance(error, SendAtError) else "Job"
+            log.warning("message refused", reason=str(error), header=header, client=client_ip)
+            await self._end_live(session)
+            return f"554 5.6.0 X-Smtpgate-{header}: {error}"
         content = (
             received(
                 helo=helo_for_trace(session.host_name),
@@ -241,7 +243,7 @@ class Handler:
                     address,
                     route,
                     leased=leased,
-                    job=job_of(job, route, config, now),
+                    job=job_of(job, config),
                     hold=config.hold,
                 )
             )

@@ -37,6 +37,7 @@ T = TypeVar("T")
 EXIT_OK, EXIT_FAILURE = 0, 1
 BAR_WIDTH = 20
 PAGE = 5000  # recipients read per query when listing a job's recipients
+TABLE_ROWS = 1000
 COLUMNS = [
     RecipientState.DELIVERED,
     RecipientState.FAILED,
@@ -188,9 +189,13 @@ def _recipients(config: Config, args: argparse.Namespace) -> int:
                     print(json.dumps(dict(zip([*fields, "last_reply"], values, strict=True))))
                 else:
                     rows.append(values)
+            if len(rows) >= TABLE_ROWS:  # a table is for people; --csv streams them all
+                break
         if rows:
             headers = ["QUEUE ID", "RECIPIENT", "ROUTE", "STATE", "ATTEMPTS", "UPDATED", "VIA"]
-            print(table([*headers, "LAST REPLY"], rows))
+            print(table([*headers, "LAST REPLY"], rows[:TABLE_ROWS]))
+            if len(rows) >= TABLE_ROWS:
+                print(f"(the first {TABLE_ROWS}; --csv or --json lists every recipient)")
         return True
 
     if not _on_spool(config, read):
@@ -254,7 +259,13 @@ def _controlling(config: Config, act: Callable[[Spool], Awaitable[int]]) -> int 
     except JobError as error:
         print(f"smtpgate: {error}", file=sys.stderr)
         return None
-    return 0 if result is None else result
+    if result is None:  # no spool here: a wrong --state-dir must not look like success
+        print(
+            f"smtpgate: no spool at {config.spool_path()}, so no jobs; is --state-dir"
+            " (or --config) the one the server uses?",
+            file=sys.stderr,
+        )
+    return result
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -19,9 +19,12 @@ class RoutePace:
         self.windows = windows
         self.rate = rate
         self._interval = rate.window / rate.count if rate else 0.0
-        # The bucket holds what one turn of the scheduler may send at this rate, at least 1.
-        self._burst = max(1, math.floor(turn_seconds / self._interval)) if rate else 0
-        self._next_slot = 0.0
+        # The bucket holds one turn's worth at this rate plus the one message that may be
+        # due between two turns: it keeps pace, and never bursts after idling.
+        per_turn = turn_seconds / self._interval if rate else 0.0
+        self._capacity = per_turn + 1.0
+        self._tokens = max(1.0, per_turn)
+        self._last: float | None = None
 
     def allowance(self, now: float) -> int | None:
         """Messages that may start now: 0 outside the windows, None for no limit."""
@@ -29,21 +32,27 @@ class RoutePace:
             return 0
         if self.rate is None:
             return None
-        if now < self._next_slot:
-            return 0
-        slots = (now - self._next_slot) / self._interval
-        return min(self._burst, 1 + math.floor(slots + 1e-9))  # 0.4 / 0.1 is 3.999...
+        self._refill(now)
+        return math.floor(self._tokens + 1e-9)  # 0.4 / 0.1 is 3.999...
 
     def took(self, count: int, now: float) -> None:
         if self.rate is None or count <= 0:
             return
-        earliest = now - (self._burst - 1) * self._interval  # unused slots do not pile up
-        self._next_slot = max(self._next_slot, earliest) + count * self._interval
+        self._refill(now)
+        self._tokens = max(0.0, self._tokens - count)
 
     def sent_at(self, at: float) -> None:
-        """A send before a restart (from the spool's ledger): the rate holds across it."""
+        """The last send before a restart (from the spool's ledger): the rate holds
+        across it, as if the bucket had been emptied then."""
         if self.rate is not None:
-            self._next_slot = max(self._next_slot, at + self._interval)
+            self._tokens, self._last = 0.0, at
+
+    def _refill(self, now: float) -> None:
+        if self._last is not None and now > self._last:
+            gained = (now - self._last) / self._interval
+            self._tokens = min(self._capacity, self._tokens + gained)
+        if self._last is None or now > self._last:
+            self._last = now
 
     def ledger_key(self, route: str) -> str:
         return f"track:{route}"

@@ -45,6 +45,7 @@ class Scheduler:
         self._paces = dict(paces or {})
         self._bouncer = bouncer
         self._controls: dict[str, JobControl] = {}
+        self._turn = 0  # rotates which route of a transport picks first
         self._transports = dict(transports)
         self._retry = dict(retry_policies)
         self._waiting = dict(waiting)
@@ -94,26 +95,57 @@ class Scheduler:
         for group, (transport, routes) in self._groups.items():
             in_flight = self._in_flight_of[group]
             free = MESSAGES_PER_CONNECTION * transport.concurrency - len(in_flight)
-            # Track routes first, each within its window and rate; then the others.
-            for route in routes:
-                pace = self._paces.get(route)
-                if pace is None or free <= 0 or self._stopping:
-                    continue
-                allowance = pace.allowance(now)
-                if allowance == 0:
-                    if why := pace.waiting_reason(now):
-                        await self._spool.note_waiting(route, why)
-                    continue
-                leased = await self._spool.lease_due(
-                    [route], now, free if allowance is None else min(free, allowance)
-                )
-                pace.took(len(leased), now)
-                for _ in leased:  # so that the rate holds across a restart
-                    await self._spool.log_send(pace.ledger_key(route), now)
-                free -= self._start(leased, in_flight)
-            unpaced = [route for route in routes if route not in self._paces]
-            if unpaced and free > 0 and not self._stopping:
-                self._start(await self._spool.lease_due(unpaced, now, free), in_flight)
+            if free > 0 and not self._stopping:
+                await self._lease_group(routes, free, in_flight, now)
+
+    async def _lease_group(
+        self, routes: list[str], free: int, in_flight: set[asyncio.Task[None]], now: float
+    ) -> None:
+        """Share a transport's free slots between its routes: each track route (within
+        its window and rate) and the other routes together first get an equal share,
+        whoever goes first this turn, then what is left, so a big campaign on a relay
+        never holds back the password resets sharing it."""
+        contenders: list[tuple[list[str], int | None]] = []
+        for route in routes:
+            pace = self._paces.get(route)
+            if pace is None:
+                continue
+            allowance = pace.allowance(now)
+            if allowance == 0:
+                if why := pace.waiting_reason(now):
+                    await self._spool.note_waiting(route, why)
+                continue
+            contenders.append(([route], allowance))
+        unpaced = [route for route in routes if route not in self._paces]
+        if unpaced:
+            contenders.append((unpaced, None))
+        if not contenders:
+            return
+        self._turn += 1
+        first = self._turn % len(contenders)
+        contenders = contenders[first:] + contenders[:first]
+        share = -(-free // len(contenders))  # ceiling: every contender gets a turn
+        wanting = []
+        for names, allowance in contenders:
+            cap = min(share, free) if allowance is None else min(share, free, allowance)
+            leased = await self._lease(names, cap, in_flight, now) if cap > 0 else 0
+            free -= leased
+            if leased == cap and (allowance is None or allowance > leased):
+                wanting.append((names, None if allowance is None else allowance - leased))
+        for names, allowance in wanting:  # what the others left
+            cap = free if allowance is None else min(free, allowance)
+            if cap > 0:
+                free -= await self._lease(names, cap, in_flight, now)
+
+    async def _lease(
+        self, routes: list[str], limit: int, in_flight: set[asyncio.Task[None]], now: float
+    ) -> int:
+        leased = await self._spool.lease_due(routes, now, limit)
+        if len(routes) == 1 and (pace := self._paces.get(routes[0])) is not None:
+            pace.took(len(leased), now)
+            for _ in leased:  # so that the rate holds across a restart
+                await self._spool.log_send(pace.ledger_key(routes[0]), now)
+        return self._start(leased, in_flight)
 
     async def _restore_paces(self) -> None:
         now = clock.now()

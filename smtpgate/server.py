@@ -11,9 +11,8 @@ import contextlib
 import os
 import signal
 import socket
-import time
 
-from smtpgate import logs
+from smtpgate import clock, logs
 from smtpgate.bounce import Bouncer
 from smtpgate.config import Config
 from smtpgate.delivery.retry import RetryPolicy
@@ -90,7 +89,7 @@ class Server:
         transports: dict[str, Transport] = {}
         scheduler_task: asyncio.Task[None] | None = None
         try:
-            released = await spool.release_leases(time.time())
+            released = await spool.release_leases(clock.now())
             if released:
                 log.warning("released recipients left in flight by a previous run", count=released)
             # 3. The delivery side, built but not started until the listeners are bound.

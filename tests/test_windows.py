@@ -122,3 +122,18 @@ def test_the_last_send_before_a_restart_holds_the_rate() -> None:
     pace.sent_at(1000.0)
     assert pace.allowance(1030.0) == 0
     assert pace.allowance(1060.0) == 1
+
+
+@pytest.mark.parametrize("rate", ["500/h", "3000/h", "90/min", "14/s"])
+def test_over_an_hour_of_scheduler_turns_a_rate_sends_what_it_says(rate: str) -> None:
+    limit = Rate.parse(rate)
+    assert isinstance(limit, Rate)
+    pace = RoutePace(SendingWindows([], "UTC"), limit, turn_seconds=1)
+    sent = 0
+    for second in range(3600):  # one scheduler turn a second, as the server runs
+        allowed = pace.allowance(float(second))
+        if allowed:
+            pace.took(allowed, float(second))
+            sent += allowed
+    expected = limit.count * 3600 / limit.window
+    assert expected * 0.99 <= sent <= expected + limit.count

@@ -123,12 +123,14 @@ class Delivery:
     recipients: tuple[LeasedRecipient, ...]
     job: str = ""
     send_at: float | None = None
+    job_started_at: float | None = None  # the job's first lease
 
     @property
     def lifetime_from(self) -> float:
-        """Retries give up this long after the message was due, not after it arrived: a
-        message scheduled for next week must not expire before its first attempt."""
-        return max(self.received_at, self.send_at or 0.0)
+        """Retries give up this long after sending could first begin, not after the
+        message arrived: a scheduled message, a held job or one waiting for its window
+        must not expire before its first attempt."""
+        return max(self.received_at, self.send_at or 0.0, self.job_started_at or 0.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -106,9 +106,10 @@ CREATE TABLE IF NOT EXISTS recipients (
     job_id       INTEGER REFERENCES jobs(id)
 );
 CREATE INDEX IF NOT EXISTS recipients_of_message ON recipients(queue_id);
-CREATE INDEX IF NOT EXISTS recipients_due_by_job ON recipients(job_id, next_attempt)
+CREATE INDEX IF NOT EXISTS recipients_due_by_job_route ON recipients(job_id, route, next_attempt)
     WHERE state IN ('queued', 'deferred');
 CREATE INDEX IF NOT EXISTS recipients_by_job ON recipients(job_id, state);
+CREATE INDEX IF NOT EXISTS recipients_of_job ON recipients(job_id);
 CREATE INDEX IF NOT EXISTS recipients_unexplained ON recipients(route, state)
     WHERE last_reply IS NULL;
 CREATE INDEX IF NOT EXISTS messages_by_age ON messages(received_at);
@@ -218,39 +219,57 @@ class SqliteSpool(Spool):
                 " AND coalesce(send_at, 0) <= ? ORDER BY coalesce(served_at, 0), id",
                 (now,),
             ).fetchall()
+            # One indexed range per (job, route): (job_id, route, next_attempt) in index
+            # order, so a job of a million due recipients costs `limit` rows, not a scan.
             due = (
-                "job_id = ? AND state IN ('queued', 'deferred') AND next_attempt <= ?"
-                f" AND route IN ({_marks(routes)})"
+                "job_id = ? AND route = ? AND state IN ('queued', 'deferred') AND next_attempt <= ?"
             )
             candidates = []
             for job_id, _ in jobs:
-                queue_ids = db.execute(
-                    "SELECT queue_id FROM (SELECT queue_id, next_attempt, id FROM recipients"
-                    f" WHERE {due} ORDER BY next_attempt, id LIMIT ?)"
-                    " GROUP BY queue_id ORDER BY min(next_attempt), min(id) LIMIT ?",
-                    (job_id, now, *routes, LEASE_WINDOW, limit),
-                ).fetchall()
-                candidates.append([(job_id, queue_id) for (queue_id,) in queue_ids])
+                rows: list[tuple[float, int, str, str]] = []
+                for route in routes:
+                    rows += db.execute(
+                        "SELECT next_attempt, id, queue_id, route FROM recipients"
+                        f" WHERE {due} ORDER BY next_attempt, id LIMIT ?",
+                        (job_id, route, now, LEASE_WINDOW),
+                    ).fetchall()
+                picks: dict[tuple[str, str], None] = {}  # oldest due first, once each
+                for _, _, queue_id, route in sorted(rows):
+                    picks.setdefault((queue_id, route))
+                    if len(picks) >= limit:
+                        break
+                candidates.append([(job_id, pick) for pick in picks])
             chosen = [pick for turn in itertools.zip_longest(*candidates) for pick in turn if pick]
+            chosen = chosen[:limit]
             names = dict(jobs)
             grouped: dict[tuple[str, str], list[LeasedRecipient]] = {}
             jobs_of: dict[tuple[str, str], str] = {}
-            for job_id, queue_id in chosen[:limit]:
-                rows = db.execute(
-                    f"UPDATE recipients SET state = 'sending', updated_at = ? WHERE {due}"
-                    " AND queue_id = ? RETURNING id, address, route, attempts",
-                    (now, job_id, now, *routes, queue_id),
+            for job_id, (queue_id, route) in chosen:
+                # By message (its index), not by the job's due range: a few rows each.
+                leased = db.execute(
+                    "UPDATE recipients INDEXED BY recipients_of_message SET state = 'sending',"
+                    f" updated_at = ? WHERE queue_id = ? AND {due}"
+                    " RETURNING id, address, attempts",
+                    (now, queue_id, job_id, route, now),
                 ).fetchall()
-                for rid, address, route, attempts in sorted(rows):
-                    grouped.setdefault((queue_id, route), []).append(
-                        LeasedRecipient(rid, address, attempts)
-                    )
-                    jobs_of[(queue_id, route)] = names[job_id]
-            served = sorted({job_id for job_id, _ in chosen[:limit]})
+                if not leased:
+                    continue
+                grouped[(queue_id, route)] = [
+                    LeasedRecipient(rid, address, attempts)
+                    for rid, address, attempts in sorted(leased)
+                ]
+                jobs_of[(queue_id, route)] = names[job_id]
+            served = sorted({job_id for job_id, _ in chosen})
             db.executemany(
                 "UPDATE jobs SET served_at = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
                 [(now, now, job_id) for job_id in served],
             )
+            started = {
+                name: at
+                for name, at in db.execute(
+                    f"SELECT name, started_at FROM jobs WHERE id IN ({_marks(served)})", served
+                )
+            }
             messages = _fetch_messages(db, {queue_id for queue_id, _ in grouped})
             deliveries = []
             for (queue_id, route), recipients in grouped.items():
@@ -266,6 +285,7 @@ class SqliteSpool(Spool):
                         tuple(recipients),
                         job=jobs_of[(queue_id, route)],
                         send_at=send_at,
+                        job_started_at=started[jobs_of[(queue_id, route)]],
                     )
                 )
             return deliveries
@@ -303,12 +323,25 @@ class SqliteSpool(Spool):
 
     async def release_leases(self, now: float) -> int:
         def release(db: sqlite3.Connection) -> int:
-            return db.execute(
-                "UPDATE recipients SET state = 'queued', next_attempt = ?, updated_at = ?,"
-                " last_reply = 'interrupted while sending (outcome unknown); sending again'"
+            # A job cancelled meanwhile does not send them again: cancelled, not queued.
+            jobs = [
+                job_id
+                for (job_id,) in db.execute(
+                    "SELECT DISTINCT job_id FROM recipients WHERE state = 'sending'"
+                )
+            ]
+            released: int = db.execute(
+                "UPDATE recipients SET state = CASE WHEN (SELECT control FROM jobs"
+                " WHERE id = job_id) = 'cancelled' THEN 'cancelled' ELSE 'queued' END,"
+                " next_attempt = ?, updated_at = ?,"
+                " last_reply = 'interrupted while sending (outcome unknown); ' || CASE WHEN"
+                " (SELECT control FROM jobs WHERE id = job_id) = 'cancelled'"
+                " THEN 'its job was cancelled' ELSE 'sending again' END"
                 " WHERE state = 'sending'",
                 (now, now),
             ).rowcount
+            _settle_jobs(db, jobs, now)
+            return released
 
         return await self._writer.submit(release)
 
@@ -478,9 +511,11 @@ class SqliteSpool(Spool):
 
     async def retry_job(self, name: str, now: float, *, failed_too: bool) -> int:
         def retry(db: sqlite3.Connection) -> int:
-            row = db.execute("SELECT id FROM jobs WHERE name = ?", (name,)).fetchone()
+            row = db.execute("SELECT id, control FROM jobs WHERE name = ?", (name,)).fetchone()
             if row is None:
                 raise JobError(f"no job {name!r}; `smtpgate jobs` lists them")
+            if row[1] == "cancelled":
+                raise JobError(f"job {name!r} is cancelled; it cannot retry")
             states = "('deferred', 'failed')" if failed_too else "('deferred')"
             changed: int = db.execute(
                 "UPDATE recipients SET state = CASE state WHEN 'failed' THEN 'queued'"
@@ -586,22 +621,27 @@ def _join_job(
     db: sqlite3.Connection, name: str, recipient: NewRecipient, message: NewMessage
 ) -> tuple[int, str]:
     """The job's id and control, creating the job (held if its route holds new jobs).
-    Mail joining a finished job opens it again; a cancelled job takes no more mail."""
-    job_id, control = db.execute(
-        "INSERT INTO jobs (name, route, control, created_at, submitted_by)"
-        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET finished_at = NULL"
-        " RETURNING id, control",
-        (
-            name,
-            recipient.route,
-            "held" if recipient.hold else "active",
-            message.received_at,
-            message.submitted_by,
-        ),
-    ).fetchone()
-    if control == "cancelled":
-        raise JobCancelledError(name)
-    return job_id, control
+    Mail joining a finished job opens it again. A cancelled job someone named takes no
+    more mail; the route's job of the day gives way to a new one ("news-2026-11-29-2")."""
+    for suffix in range(1, 1000):
+        candidate = name if suffix == 1 else f"{name}-{suffix}"
+        job_id, control = db.execute(
+            "INSERT INTO jobs (name, route, control, created_at, submitted_by)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET finished_at ="
+            " CASE WHEN control = 'cancelled' THEN finished_at END RETURNING id, control",
+            (
+                candidate,
+                recipient.route,
+                "held" if recipient.hold else "active",
+                message.received_at,
+                message.submitted_by,
+            ),
+        ).fetchone()
+        if control != "cancelled":
+            return job_id, control
+        if recipient.job:
+            raise JobCancelledError(name)
+    raise JobCancelledError(name)
 
 
 def _settle_jobs(db: sqlite3.Connection, job_ids: Iterable[int], now: float) -> None:
