@@ -190,3 +190,36 @@ def test_a_damaged_spool_is_quarantined_and_every_intact_message_delivered(
     assert gateway.stop() == 0
     gateway.start()
     assert len(list((gateway.state_dir / "quarantine").iterdir())) == 1
+
+
+def test_mail_whose_job_row_was_lost_is_still_delivered(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    """Recipients are leased through their job: a lost job is made again, active."""
+    port = free_port()
+    gateway = gateway_factory(
+        relay_config(port, retry='["1s"]'), server=with_default_route("upstream")
+    )
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        for n in range(3):
+            client.sendmail("a@example.org", [f"r{n}@example.com"], content(n))
+    assert gateway.stop() == 0
+    spool = gateway.state_dir / "spool.db"
+    [jobs_page] = live_leaves(spool, "jobs")  # a small table: its root is its one leaf
+    data = bytearray(spool.read_bytes())
+    data[jobs_page * PAGE : (jobs_page + 1) * PAGE] = b"\xa5" * PAGE
+    spool.write_bytes(bytes(data))
+
+    upstream = upstreams.start(port=port)
+    gateway.start()
+
+    wait_until(lambda: len(upstream.messages) == 3, 30, "the three messages upstream")
+    assert sorted(own_trace_removed(m.content) for m in upstream.messages) == [
+        content(n) for n in range(3)
+    ]
+    [quarantine] = (gateway.state_dir / "quarantine").iterdir()
+    report = json.loads((quarantine / "report.json").read_text())
+    assert report["messages"] == []  # no message was damaged
+    assert any("made again, active" in note for note in report["notes"])
+    [job] = json.loads(gateway.cli("jobs", "--json").stdout)
+    assert job["name"].startswith("salvaged-")
