@@ -169,6 +169,7 @@ class ServerConfig(_Section):
     max_connections: int = Field(default=100, ge=1)
     max_connections_per_client: int = Field(default=20, ge=1)
     max_errors: int = Field(default=20, ge=1)  # error replies in a session, then 421
+    max_commands: int = Field(default=10000, ge=1)  # commands since the last message, then 421
     max_hops: int = Field(default=50, ge=1)  # Received: fields before a loop is assumed
     min_free_space: Size = 100 * 1024**2  # below this MAIL gets 452 4.3.1
     bare_line_ends: Literal["fix", "refuse"] = "fix"

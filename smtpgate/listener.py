@@ -7,10 +7,11 @@ DATA only after the spool has made the message durable, quoting the queue id.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -50,9 +51,11 @@ _ENHANCED = {
 }
 _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 
-# Commands that move no mail, limited per session (Postfix: smtpd_junk_command_limit);
-# aiosmtpd answers "421 4.7.0 NOOP sent too many times" and closes.
-JUNK_COMMAND_LIMITS = {"NOOP": 100, "VRFY": 100, "EXPN": 100, "HELP": 100, "*": 10**9}
+# Commands that move no mail, limited per session (Postfix: smtpd_junk_command_limit),
+# then "421 4.7.0 NOOP sent too many times" and close. As Postfix does, the count starts
+# again after each accepted message: pooled clients (JavaMail) send NOOP before each one.
+JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "EXPN", "HELP"})
+JUNK_COMMAND_LIMIT = 100
 TEMPORARY_FAILURE = "451 4.3.0 Local error in processing; the message was not accepted, try again"
 
 
@@ -287,7 +290,10 @@ class Handler:
             )
         self._on_stored()
         crashpoints.reached("before_reply")
-        return reply or f"250 2.0.0 Ok: queued as {queue_id}"
+        reply = reply or f"250 2.0.0 Ok: queued as {queue_id}"
+        if reply.startswith("2") and isinstance(server, GatewaySMTP):
+            server.message_accepted()
+        return reply
 
     async def _finish_live(
         self,
@@ -400,7 +406,12 @@ class GatewaySMTP(SMTP):
     count of open sessions."""
 
     def __init__(
-        self, handler: Handler, connections: Connections, max_errors: int, **options: Any
+        self,
+        handler: Handler,
+        connections: Connections,
+        max_errors: int,
+        max_commands: int,
+        **options: Any,
     ) -> None:
         super().__init__(handler, **options)
         self._connections = connections  # the factory counted this session in
@@ -410,6 +421,51 @@ class GatewaySMTP(SMTP):
         self._refused = False
         self._errors = 0
         self._max_errors = max_errors
+        self._max_commands = max_commands
+        self._commands = 0  # since the session began or its last accepted message
+        self._junk: dict[str, int] = {}
+        # aiosmtpd has no hook before each command: count in front of every smtp_* method.
+        self._smtp_methods = {
+            name: self._limited(name, method) for name, method in self._smtp_methods.items()
+        }
+
+    def _limited(
+        self, command: str, method: Callable[[str | None], Awaitable[None]]
+    ) -> Callable[[str | None], Awaitable[None]]:
+        @functools.wraps(method)  # HELP shows each method's docstring
+        async def run(arg: str | None) -> None:
+            if not await self._over_limit(command):
+                await method(arg)
+
+        return run
+
+    async def _over_limit(self, command: str) -> bool:
+        """Past max_commands since the last accepted message (or a junk command past its
+        limit): 421 and close. A session that keeps delivering mail is never cut off;
+        one that talks without delivering anything is."""
+        if self.transport is None or self.transport.is_closing():
+            return True  # closed for a limit already: nothing more is answered
+        if command == "QUIT":
+            return False
+        self._commands += 1
+        if command in JUNK_COMMANDS:
+            self._junk[command] = self._junk.get(command, 0) + 1
+        if self._junk.get(command, 0) > JUNK_COMMAND_LIMIT:
+            reply = f"421 4.7.0 {command} sent too many times"
+        elif self._commands > self._max_commands:
+            reply = "421 4.7.0 Too many commands, closing connection"
+        else:
+            return False
+        log.warning("session closed", reason=reply[10:], client=self._client)
+        await super().push(reply)
+        if self.transport is not None:
+            self.transport.close()
+        return True
+
+    def message_accepted(self) -> None:
+        """The client delivered a message: its command counts start again."""
+        self._commands = 0
+        self._junk.clear()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -546,7 +602,7 @@ def protocol_factory(
             handler,
             connections,
             server.max_errors,
-            command_call_limit=JUNK_COMMAND_LIMITS,
+            server.max_commands,
             data_size_limit=server.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,

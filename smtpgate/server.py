@@ -23,6 +23,7 @@ from smtpgate.policy import RelayPolicy, refuse_open_relay
 from smtpgate.router import Router
 from smtpgate.scheduler import POLL_SECONDS, Scheduler
 from smtpgate.spool import Spool, SqliteSpool
+from smtpgate.spool.salvage import SalvageReport
 from smtpgate.transports import RelayTransport, Transport
 from smtpgate.transports.direct import DirectTransport
 from smtpgate.transports.mx import MxResolver
@@ -36,6 +37,28 @@ DELIVERY_GRACE_SECONDS = 10.0  # how long deliveries under way may finish at shu
 
 class StartupError(Exception):
     """The server cannot start for a reason the operator must fix (port taken, ...)."""
+
+
+def _log_salvage(report: SalvageReport) -> None:
+    """Loud, once per damaged message: someone must look into the quarantine."""
+    log.warning(
+        "the spool was damaged: every intact message was kept, the damage is quarantined",
+        quarantine=str(report.quarantine),
+        problems=report.problems[:5],
+        messages_kept=report.copied.get("messages", 0),
+        recipients_kept=report.copied.get("recipients", 0),
+        messages_quarantined=len(report.messages),
+        messages_not_delivered=len(report.undeliverable),
+        rows_lost=report.lost,
+        report=str(report.quarantine / "report.txt"),
+    )
+    for entry in report.messages:
+        log.warning(
+            "message kept only in part" if entry.kept else "message cannot be delivered",
+            queue_id=entry.queue_id,
+            reason=entry.reason,
+            quarantine=str(report.quarantine),
+        )
 
 
 class Server:
@@ -83,8 +106,13 @@ class Server:
         #    find every relay's password (a missing one is a config error, now).
         refuse_open_relay(config)
         passwords = config.relay_passwords(os.environ)
-        # 2. Take the spool (and its single-server lock); release work a dead process leased.
-        spool = SqliteSpool.open(config.spool_path(), exclusive=True)
+        # 2. Take the spool (and its single-server lock), salvaging a damaged one into a
+        #    fresh spool; release work a dead process leased.
+        spool = SqliteSpool.open(
+            config.spool_path(), exclusive=True, quarantine=config.state_dir() / "quarantine"
+        )
+        if spool.salvaged is not None:
+            _log_salvage(spool.salvaged)
         listeners: list[asyncio.Server] = []
         transports: dict[str, Transport] = {}
         scheduler_task: asyncio.Task[None] | None = None

@@ -595,6 +595,7 @@ class Gateway:
         self.config_path.write_text(config_text)
         self.log_path = workdir / "smtpgate.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.prefix: list[str] = []  # runs `serve` under another program (strace)
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "smtpgate", *args, "--config", str(self.config_path)]
@@ -602,7 +603,10 @@ class Gateway:
     def start(self) -> Gateway:
         with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
             self.process = subprocess.Popen(
-                self.command("serve", "--log-format", "json", "--log-level", "debug"),
+                [
+                    *self.prefix,
+                    *self.command("serve", "--log-format", "json", "--log-level", "debug"),
+                ],
                 stdout=log,
                 stderr=log,
                 env=self.env,

@@ -223,7 +223,11 @@ def test_queue_on_an_empty_state_dir(tmp_path: Path) -> None:
     assert "no spool at" in result.stderr
 
 
-def test_a_damaged_spool_is_reported_at_start(gateway_factory: GatewayFactory) -> None:
+def test_a_spool_damaged_beyond_salvage_is_refused_with_how_to_recover(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Salvage needs the list of tables; with the first page gone, the operator must
+    recover by hand, and is told how. A lesser damage is salvaged: test_salvage.py."""
     gateway = gateway_factory()
     with smtplib.SMTP("127.0.0.1", gateway.port) as client:
         for n in range(20):
@@ -231,11 +235,15 @@ def test_a_damaged_spool_is_reported_at_start(gateway_factory: GatewayFactory) -
     assert gateway.stop() == 0
     spool = gateway.state_dir / "spool.db"
     data = bytearray(spool.read_bytes())
-    data[4096 * 2 : 4096 * 2 + 512] = b"\xa5" * 512  # scribble over a page of the b-tree
+    data[100:4096] = b"\xa5" * (4096 - 100)  # the schema page, after the file header
     spool.write_bytes(bytes(data))
 
     result = gateway.cli("serve", check=False)
 
     assert result.returncode == 1
-    assert f"smtpgate: spool {spool}" in result.stderr
+    assert f"smtpgate: spool {spool}: the spool is damaged" in result.stderr
+    assert "smtpgate cannot salvage it: its table list cannot be read" in result.stderr
+    assert "sqlite3 damaged.db .recover | sqlite3 spool.db" in result.stderr
     assert "Traceback" not in result.stderr
+    assert spool.read_bytes() == bytes(data)  # left where it was, untouched
+    assert not (gateway.state_dir / "quarantine").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import smtplib
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -212,7 +213,47 @@ def test_junk_commands_are_limited(gateway_factory: GatewayFactory) -> None:
     replies = [client.send(b"NOOP\r\n") for _ in range(100)]
     assert all(r.startswith("250") for r in replies)
     assert client.send(b"NOOP\r\n").startswith("421 4.7.0 NOOP sent too many times")
+    assert client.file.readline() == b""
     client.close()
+
+
+def test_a_session_that_sends_no_mail_is_cut_off_after_max_commands(
+    gateway_factory: GatewayFactory,
+) -> None:
+    gateway = gateway_factory(server="max_commands = 30\n")
+    client = Client(gateway.port)
+    client.send(b"EHLO client.test\r\n")
+    for _ in range(9):  # transactions begun and abandoned: 28 commands with the EHLO
+        assert client.send(b"MAIL FROM:<a@example.org>\r\n").startswith("250")
+        assert client.send(b"RCPT TO:<b@example.com>\r\n").startswith("250")
+        assert client.send(b"RSET\r\n").startswith("250")
+    assert client.send(b"RSET\r\n").startswith("250")
+    assert client.send(b"RSET\r\n").startswith("250")  # the 30th
+    assert client.send(b"RSET\r\n") == "421 4.7.0 Too many commands, closing connection"
+    assert client.file.readline() == b""
+    client.close()
+    assert gateway.queue() == []
+
+
+def test_a_client_sending_many_messages_on_one_connection_is_never_cut_off(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """The count starts again at each accepted message, junk commands too: a pooled
+    client that sends NOOP and RSET before each of its 120 messages (600 commands,
+    120 NOOPs) is served to the end; the same session idling afterwards is not."""
+    gateway = gateway_factory(server="max_commands = 10\n")
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        client.ehlo("client.test")
+        for n in range(120):
+            assert client.noop()[0] == 250
+            assert client.rset()[0] == 250
+            client.mail("a@example.org")
+            client.rcpt(f"r{n}@example.com")
+            code, reply = client.data(b"Subject: s\r\n\r\nb\r\n")
+            assert code == 250, (n, reply)
+        assert [client.noop()[0] for _ in range(10)] == [250] * 10
+        assert client.noop() == (421, b"4.7.0 Too many commands, closing connection")
+    assert len(gateway.queue()) == 120
 
 
 def test_a_full_disk_is_refused_at_mail(gateway_factory: GatewayFactory) -> None:

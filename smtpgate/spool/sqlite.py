@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from smtpgate import crashpoints
 from smtpgate.jobs import day_job
+from smtpgate.spool import salvage
 from smtpgate.spool.base import (
     Delivery,
     JobAction,
@@ -132,24 +133,32 @@ MAX_BATCH = 512  # operations per transaction; bounds the latency one commit add
 class SqliteSpool(Spool):
     """See `Spool`. Open with `SqliteSpool.open(path, exclusive=True)` in the server."""
 
-    def __init__(self, writer: _Writer, lock_file: int | None) -> None:
+    def __init__(
+        self, writer: _Writer, lock_file: int | None, salvaged: salvage.SalvageReport | None
+    ) -> None:
         self._writer = writer
         self._lock_file = lock_file
+        self.salvaged = salvaged  # what a salvage at this start quarantined, for the log
 
     @classmethod
-    def open(cls, path: Path, *, exclusive: bool = False) -> SqliteSpool:
+    def open(
+        cls, path: Path, *, exclusive: bool = False, quarantine: Path | None = None
+    ) -> SqliteSpool:
         """Open (creating if needed). `exclusive` takes the single-server lock or raises
-        SpoolLockedError, so two servers never lease the same recipients."""
+        SpoolLockedError, so two servers never lease the same recipients, and checks the
+        spool: a damaged one is salvaged with its damage moved into `quarantine`, or,
+        without one or when salvage is impossible, refused with SpoolDamagedError."""
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_file = _take_lock(path) if exclusive else None
-        writer = _Writer(path, check=exclusive)
         try:
+            report = _checked(path, quarantine) if exclusive else None
+            writer = _Writer(path)
             writer.start_and_wait()
         except BaseException:
             if lock_file is not None:
                 os.close(lock_file)
             raise
-        return cls(writer, lock_file)
+        return cls(writer, lock_file, report)
 
     async def close(self) -> None:
         await asyncio.to_thread(self._writer.stop)
@@ -728,6 +737,18 @@ def _with_recipients(db: sqlite3.Connection, rows: list[Any]) -> list[MessageVie
     ]
 
 
+def _checked(path: Path, quarantine: Path | None) -> salvage.SalvageReport | None:
+    """At the server's start, under its lock: finish a salvage a crash interrupted, then
+    salvage the spool if quick_check finds it damaged."""
+    salvage.finish_pending(path)
+    problems = salvage.check(path)
+    if not problems:
+        return None
+    if quarantine is None:
+        raise salvage.refusal(path, problems)
+    return salvage.salvage(path, quarantine, problems, SCHEMA_VERSION)
+
+
 def _take_lock(path: Path) -> int:
     lock_path = path.with_name(path.name + ".lock")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -748,9 +769,8 @@ def _take_lock(path: Path) -> int:
 class _Writer:
     """The one thread that owns the connection and runs queued operations in batches."""
 
-    def __init__(self, path: Path, *, check: bool = False) -> None:
+    def __init__(self, path: Path) -> None:
         self._path = path
-        self._check = check
         self._queue: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._ready = threading.Event()
@@ -786,15 +806,6 @@ class _Writer:
             raise sqlite3.OperationalError(f"{self._path}: cannot switch to WAL mode")
         db.execute("PRAGMA synchronous = FULL")  # every commit reaches the disk before 250
         db.execute("PRAGMA foreign_keys = ON")
-        if self._check:  # the server, at start: a damaged spool is named, not worked around
-            problems = [row[0] for row in db.execute("PRAGMA quick_check(5)")]
-            if problems != ["ok"]:
-                found = "; ".join(" ".join(p.split()) for p in problems)
-                raise sqlite3.DatabaseError(
-                    f"the spool is damaged ({found}). Move it aside as damaged.db and recover"
-                    f" what it holds into a new one: sqlite3 damaged.db .recover | sqlite3"
-                    f" {self._path.name}"
-                )
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
             raise sqlite3.OperationalError(
