@@ -22,7 +22,8 @@ from smtpgate.spool.base import Delivery, NewMessage, NewRecipient, Spool
 
 log = logs.get(__name__)
 
-_ENHANCED = re.compile(r"\b([245]\.\d{1,3}\.\d{1,3})\b")
+# The enhanced code that follows a reply code ("450 4.2.1 ..."), not digits in an address.
+_ENHANCED = re.compile(r"(?:^|\s)[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
 _HEADERS_QUOTED = 64 * 1024  # of the original message, in the DSN's third part
 
 
@@ -102,7 +103,10 @@ def dsn(
     status = EmailMessage(policy=SMTP)
     status.set_type("message/delivery-status")
     status.set_payload([per_message, *per_recipient])
-    headers = delivery.content.split(b"\r\n\r\n", 1)[0][:_HEADERS_QUOTED] + b"\r\n"
+    headers = delivery.content.split(b"\r\n\r\n", 1)[0]
+    if len(headers) > _HEADERS_QUOTED:  # cut at a line end, never inside a field
+        headers = headers[: headers.rfind(b"\r\n", 0, _HEADERS_QUOTED)]
+    headers += b"\r\n"
     quoted = EmailMessage(policy=SMTP)
     quoted.set_content(headers, "text", "rfc822-headers", cte="8bit")
     report.make_mixed()

@@ -13,6 +13,8 @@ import email.utils
 
 from smtpgate.config import RouteConfig, valid_job_name
 
+MAX_AHEAD = 400 * 86400.0
+
 
 class SendAtError(ValueError):
     """An X-Smtpgate-Send-At value that is not a date smtpgate can read."""
@@ -32,9 +34,10 @@ def day_job(route_name: str, at: float) -> str:
     return f"{route_name}-{dt.datetime.fromtimestamp(at).date().isoformat()}"
 
 
-def parse_send_at(text: str) -> float:
+def parse_send_at(text: str, now: float) -> float:
     """RFC 3339 ('2026-12-01T09:00:00+01:00', 'Z' allowed) or RFC 5322 ('Tue, 1 Dec 2026
-    09:00:00 +0100'). A time without a zone is refused: it would be a guess."""
+    09:00:00 +0100'). A time without a zone is refused: it would be a guess. So is one
+    more than MAX_AHEAD away: a mistyped year would hold the mail for good."""
     text = text.strip()
     iso = text.upper()  # RFC 3339 allows "t" and "z"
     try:
@@ -54,6 +57,9 @@ def parse_send_at(text: str) -> float:
             f"{text[:60]!r} has no time zone; add one, as in 2026-12-01T09:00:00+01:00"
         )
     try:
-        return moment.timestamp()
+        at = moment.timestamp()
     except (OverflowError, ValueError):
         raise SendAtError(f"{text[:60]!r} is out of range") from None
+    if at > now + MAX_AHEAD:
+        raise SendAtError(f"{text[:60]!r} is more than a year ahead; is the year right?")
+    return at

@@ -211,7 +211,7 @@ class Handler:
         client_ip = _peer_ip(session)
         now = clock.now()
         try:
-            send_at = self._send_at(controls.get("send-at"), client_ip)
+            send_at = self._send_at(controls.get("send-at"), client_ip, now)
             job = valid_job_name(controls["job"]) if "job" in controls else None
         except ValueError as error:  # SendAtError included
             header = "Send-At" if isinstance(error, SendAtError) else "Job"
@@ -326,13 +326,13 @@ class Handler:
         task.add_done_callback(self._closing.discard)
         return await asyncio.shield(task)
 
-    def _send_at(self, header: str | None, client_ip: str | None) -> float | None:
+    def _send_at(self, header: str | None, client_ip: str | None, now: float) -> float | None:
         """The header's time; a garbled one raises SendAtError unless the config says to
         send such mail now (then it is logged)."""
         if header is None:
             return None
         try:
-            return parse_send_at(header)
+            return parse_send_at(header, now)
         except SendAtError as error:
             if self._config.server.invalid_send_at == "refuse":
                 raise

@@ -238,7 +238,7 @@ def _retry(config: Config, args: argparse.Namespace) -> int:
 
 def _schedule(config: Config, args: argparse.Namespace) -> int:
     try:
-        at = None if args.now else parse_send_at(args.at)
+        at = None if args.now else parse_send_at(args.at, clock.now())
     except SendAtError as error:
         print(f"smtpgate: --at {error}", file=sys.stderr)
         return EXIT_FAILURE

@@ -45,7 +45,6 @@ class Scheduler:
         self._paces = dict(paces or {})
         self._bouncer = bouncer
         self._controls: dict[str, JobControl] = {}
-        self._turn = 0  # rotates which route of a transport picks first
         self._transports = dict(transports)
         self._retry = dict(retry_policies)
         self._waiting = dict(waiting)
@@ -57,6 +56,7 @@ class Scheduler:
         for name, transport in sorted(transports.items()):
             self._groups.setdefault(id(transport), (transport, []))[1].append(name)
         self._in_flight_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
+        self._turns = dict.fromkeys(self._groups, 0)  # which route of a transport goes first
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -96,10 +96,15 @@ class Scheduler:
             in_flight = self._in_flight_of[group]
             free = MESSAGES_PER_CONNECTION * transport.concurrency - len(in_flight)
             if free > 0 and not self._stopping:
-                await self._lease_group(routes, free, in_flight, now)
+                await self._lease_group(group, routes, free, in_flight, now)
 
     async def _lease_group(
-        self, routes: list[str], free: int, in_flight: set[asyncio.Task[None]], now: float
+        self,
+        group: int,
+        routes: list[str],
+        free: int,
+        in_flight: set[asyncio.Task[None]],
+        now: float,
     ) -> None:
         """Share a transport's free slots between its routes: each track route (within
         its window and rate) and the other routes together first get an equal share,
@@ -110,10 +115,10 @@ class Scheduler:
             pace = self._paces.get(route)
             if pace is None:
                 continue
+            # A closed window is not written into every waiting recipient (a campaign of a
+            # million rows, and stale by next week): `smtpgate jobs` says it, live.
             allowance = pace.allowance(now)
             if allowance == 0:
-                if why := pace.waiting_reason(now):
-                    await self._spool.note_waiting(route, why)
                 continue
             contenders.append(([route], allowance))
         unpaced = [route for route in routes if route not in self._paces]
@@ -121,8 +126,8 @@ class Scheduler:
             contenders.append((unpaced, None))
         if not contenders:
             return
-        self._turn += 1
-        first = self._turn % len(contenders)
+        self._turns[group] += 1  # per transport: another group's turns must not skew it
+        first = self._turns[group] % len(contenders)
         contenders = contenders[first:] + contenders[:first]
         share = -(-free // len(contenders))  # ceiling: every contender gets a turn
         wanting = []

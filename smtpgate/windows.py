@@ -69,22 +69,24 @@ class SendingWindows:
         """When sending may next happen: `now` itself while a window is open."""
         if not self.windows:
             return now
-        moment = dt.datetime.fromtimestamp(now, self.zone)
-        earliest: dt.datetime | None = None
+        today = dt.datetime.fromtimestamp(now, self.zone).date()
+        earliest: float | None = None
         for offset in range(-1, _LOOKAHEAD_DAYS):
-            day = moment.date() + dt.timedelta(days=offset)
+            day = today + dt.timedelta(days=offset)
             for window in self.windows:
                 span = window.spans(day, self.zone)
                 if span is None:
                     continue
-                start, end = span
-                if start <= moment < end:
+                # Compared as instants, not wall-clock times: in the hour that repeats
+                # when daylight saving ends, 02:15 the second time is after 02:30 the first.
+                start, end = span[0].timestamp(), span[1].timestamp()
+                if start <= now < end:
                     return now
-                if start > moment and (earliest is None or start < earliest):
+                if start > now and (earliest is None or start < earliest):
                     earliest = start
         if earliest is None:  # windows that never open are refused by the config
             raise ValueError("no sending window opens within a week")
-        return earliest.timestamp()
+        return earliest
 
     def describe(self, at: float) -> str:
         """'Mon 2026-11-30 22:00 Europe/Berlin', for `job show` and the queue."""
