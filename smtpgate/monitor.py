@@ -21,7 +21,9 @@ from smtpgate.config import Config
 from smtpgate.display import iso, table, when
 from smtpgate.jobs import SendAtError, parse_send_at
 from smtpgate.reports import (
+    COLUMNS,
     TOP_FAILURES,
+    column_count,
     finished,
     job_detail_json,
     job_json,
@@ -37,13 +39,6 @@ EXIT_OK, EXIT_FAILURE = 0, 1
 BAR_WIDTH = 20
 PAGE = 5000  # recipients read per query when listing a job's recipients
 TABLE_ROWS = 1000
-COLUMNS = [
-    RecipientState.DELIVERED,
-    RecipientState.FAILED,
-    RecipientState.DEFERRED,
-    RecipientState.QUEUED,
-    RecipientState.CANCELLED,
-]
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -108,7 +103,7 @@ def _jobs(config: Config, args: argparse.Namespace) -> int:
             job.route,
             job.state.value,
             _bar(job),
-            *(str(job.counts.get(state, 0) + _in_flight(job, state)) for state in COLUMNS),
+            *(str(column_count(job, state)) for state in COLUMNS),
             when(job.created_at),
             waiting(job, config) or "",
         ]
@@ -287,14 +282,6 @@ def _on_spool(config: Config, use: Callable[[Spool], Awaitable[T]]) -> T | None:
 def _no_job(name: str) -> int:
     print(f"smtpgate: no job {name!r}; `smtpgate jobs` lists them", file=sys.stderr)
     return EXIT_FAILURE
-
-
-def _in_flight(job: JobView, state: RecipientState) -> int:
-    """`queued` in the table includes held and sending ones: all not yet tried or on the
-    wire right now."""
-    if state is RecipientState.QUEUED:
-        return job.counts.get(RecipientState.HELD, 0) + job.counts.get(RecipientState.SENDING, 0)
-    return 0
 
 
 def _bar(job: JobView) -> str:

@@ -22,11 +22,27 @@ from smtpgate.spool.base import (
 from smtpgate.windows import SendingWindows
 
 TOP_FAILURES = 5  # the most common failure replies `job show` and the API list
+COLUMNS = (  # the counts a table of jobs shows, CLI and page alike
+    RecipientState.DELIVERED,
+    RecipientState.FAILED,
+    RecipientState.DEFERRED,
+    RecipientState.QUEUED,
+    RecipientState.CANCELLED,
+)
 
 
 def finished(job: JobView) -> int:
     """Recipients with a final state: delivered, failed or cancelled."""
     return sum(job.counts.get(state, 0) for state in FINAL_STATES)
+
+
+def column_count(job: JobView, state: RecipientState) -> int:
+    """A count in a table of jobs: `queued` there includes held and sending ones, all not
+    yet tried or on the wire right now."""
+    count = job.counts.get(state, 0)
+    if state is RecipientState.QUEUED:
+        count += job.counts.get(RecipientState.HELD, 0) + job.counts.get(RecipientState.SENDING, 0)
+    return count
 
 
 def progress(job: JobView) -> float:
