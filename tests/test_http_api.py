@@ -273,6 +273,7 @@ def test_a_reachable_address_without_a_token_is_refused(tmp_path: Path) -> None:
 
     with_token = {"SMTPGATE_HTTP__LISTEN": '["0.0.0.0:8025"]', "SMTPGATE_HTTP__TOKEN_ENV": "T"}
     assert smtpgate("config", "check", **with_token, T="x").returncode == 0
+    assert "$T is not set" in smtpgate("config", "check", **with_token).stderr
     unset = smtpgate("serve", **with_token)
     assert unset.returncode == 2
     assert "http.token_env: $T is not set or empty" in unset.stderr

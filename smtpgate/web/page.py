@@ -112,8 +112,8 @@ async def jobs_page(request: web.Request) -> web.StreamResponse:
 def _job_row(job: JobView, config: Config) -> str:
     counts = "".join(f'<td class="n">{column_count(job, s)}</td>' for s in COLUMNS)
     return (
-        f'<tr><td><a href="/jobs/{_q(job.name)}">{_e(job.name)}</a></td>'
-        f"<td>{_e(job.route)}</td>{_state(job)}<td>{_bar(job)}</td>{counts}"
+        f'<tr><td class="name"><a href="/jobs/{_q(job.name)}">{_e(job.name)}</a></td>'
+        f'<td>{_e(job.route)}</td>{_state(job)}<td class="bar">{_bar(job)}</td>{counts}'
         f"<td>{_e(when(job.created_at))}</td><td>{_e(waiting(job, config) or '')}</td></tr>"
     )
 
