@@ -22,7 +22,7 @@ import pytest
 from conftest import Gateway, GatewayFactory, Upstream, Upstreams, free_port, relay_config
 from conftest import wait_until as wait_for
 
-from smtpgate.config import load
+from smtpgate.config import ConfigError, load
 from smtpgate.spool import SqliteSpool
 from smtpgate.web import Metrics, Monitor, build_app
 from smtpgate.web.openapi import document
@@ -389,3 +389,26 @@ def test_the_openapi_document_describes_every_route(
     live = http(gateway, "/openapi.json").json()
     assert live["openapi"] == "3.1.0"
     assert live == json.loads(json.dumps(document()))
+
+
+def test_the_token_comes_from_a_file_or_the_environment_never_empty(tmp_path: Path) -> None:
+    def http_config(table: str, environ: dict[str, str] | None = None) -> Any:
+        path = tmp_path / "smtpgate.toml"
+        path.write_text(f"[http]\n{table}\n")
+        return load(path, environ=environ or {}, state_dir=str(tmp_path)).http
+
+    secret = tmp_path / "token"
+    secret.write_text("from-a-file\n")
+    assert http_config(f"token_file = '{secret}'").resolve_token({}) == "from-a-file"
+    assert http_config("token_env = 'T'").resolve_token({"T": "from-env"}) == "from-env"
+    assert http_config("").resolve_token({}) is None
+    secret.write_text("\n")
+    with pytest.raises(ConfigError, match=r"token_file: .* is not set or empty"):
+        http_config(f"token_file = '{secret}'").resolve_token({})
+    with pytest.raises(ConfigError, match="cannot read"):
+        http_config(f"token_file = '{tmp_path / 'missing'}'").resolve_token({})
+    with pytest.raises(ConfigError, match="give the token one way"):
+        http_config(f"token_env = 'T'\ntoken_file = '{secret}'")
+    assert http_config("listen = []").listen == []
+    exposed = http_config("listen = ['[::]:8025']\ntoken_env = 'T'")
+    assert [str(a) for a in exposed.listen] == ["[::]:8025"]
