@@ -290,6 +290,7 @@ def _config_check(config: Config, args: argparse.Namespace) -> int:
 
     refuse_open_relay(config)
     config.relay_passwords(os.environ)  # a password_env that is not set is an error now
+    config.http.resolve_token(os.environ)  # and so is an HTTP token_env
     for warning in config.warnings():
         print(f"warning: {warning}", file=sys.stderr)
     effective = masked(config)

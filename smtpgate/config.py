@@ -455,6 +455,52 @@ class RuleConfig(_Section):
     header: StrList | None = None  # values of X-Smtpgate-Route
 
 
+class HttpConfig(_Section):
+    """The monitoring HTTP interface: JSON API, web page, /metrics, /healthz, /readyz.
+
+    Invariant: an address other hosts can reach is served only with a bearer token, so a
+    config that says otherwise is refused at load time, before anything listens."""
+
+    listen: Annotated[list[ListenAddress], BeforeValidator(_listen_list)] = Field(
+        default_factory=lambda: [ListenAddress(host="127.0.0.1", port=8025)]
+    )
+    token_env: str | None = Field(default=None, min_length=1)
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _token_where_reachable(self) -> HttpConfig:
+        if self.token_env and self.token_file:
+            raise ValueError("give the token one way, not token_env and token_file")
+        exposed = [str(a) for a in self.listen if not a.is_loopback()]
+        if exposed and not (self.token_env or self.token_file):
+            raise ValueError(
+                f"listen: {', '.join(exposed)} can be reached from other hosts, and the API"
+                " can cancel jobs; set token_env or token_file to require a bearer token,"
+                ' or listen on loopback only ("127.0.0.1:8025")'
+            )
+        return self
+
+    def resolve_token(self, environ: Mapping[str, str]) -> str | None:
+        """The bearer token from wherever the config says; ConfigError if it is missing
+        or empty (an empty token would let anyone in)."""
+        if self.token_env:
+            value = environ.get(self.token_env, "")
+            where = f"token_env: ${self.token_env}"
+        elif self.token_file:
+            try:
+                value = self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise ConfigError(
+                    f"http.token_file: cannot read {self.token_file}: {error.strerror}"
+                ) from None
+            where = f"token_file: {self.token_file}"
+        else:
+            return None
+        if not value.strip():
+            raise ConfigError(f"http.{where} is not set or empty")
+        return value.strip()
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
@@ -467,6 +513,7 @@ class Config(_Section):
     delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
     direct: DirectConfig = Field(default_factory=DirectConfig)
     dns: DnsConfig = Field(default_factory=DnsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
     relays: dict[str, RelayConfig] = Field(default_factory=dict)
     routes: dict[str, RouteConfig] = Field(default_factory=dict)
     rules: list[RuleConfig] = Field(default_factory=list)

@@ -20,31 +20,25 @@ from smtpgate import clock
 from smtpgate.config import Config
 from smtpgate.display import iso, table, when
 from smtpgate.jobs import SendAtError, parse_send_at
-from smtpgate.pacing import RoutePace
-from smtpgate.spool import SqliteSpool
-from smtpgate.spool.base import (
-    FINAL_STATES,
-    JobAction,
-    JobError,
-    JobState,
-    JobView,
-    RecipientState,
-    Spool,
+from smtpgate.reports import (
+    COLUMNS,
+    TOP_FAILURES,
+    column_count,
+    finished,
+    job_detail_json,
+    job_json,
+    progress,
+    recipient_json,
+    waiting,
 )
-from smtpgate.windows import SendingWindows
+from smtpgate.spool import SqliteSpool
+from smtpgate.spool.base import JobAction, JobError, JobState, JobView, RecipientState, Spool
 
 T = TypeVar("T")
 EXIT_OK, EXIT_FAILURE = 0, 1
 BAR_WIDTH = 20
 PAGE = 5000  # recipients read per query when listing a job's recipients
 TABLE_ROWS = 1000
-COLUMNS = [
-    RecipientState.DELIVERED,
-    RecipientState.FAILED,
-    RecipientState.DEFERRED,
-    RecipientState.QUEUED,
-    RecipientState.CANCELLED,
-]
 
 
 def add_commands(commands: Any, common: argparse.ArgumentParser) -> None:
@@ -98,7 +92,7 @@ def _jobs(config: Config, args: argparse.Namespace) -> int:
     if jobs is None:
         jobs = []
     if args.json:
-        print(json.dumps([_job_json(job, config) for job in jobs], indent=2))
+        print(json.dumps([job_json(job, config) for job in jobs], indent=2))
         return EXIT_OK
     if not jobs:
         print("no jobs yet")
@@ -109,9 +103,9 @@ def _jobs(config: Config, args: argparse.Namespace) -> int:
             job.route,
             job.state.value,
             _bar(job),
-            *(str(job.counts.get(state, 0) + _in_flight(job, state)) for state in COLUMNS),
+            *(str(column_count(job, state)) for state in COLUMNS),
             when(job.created_at),
-            _waiting(job, config) or "",
+            waiting(job, config) or "",
         ]
         for job in jobs
     ]
@@ -122,22 +116,20 @@ def _jobs(config: Config, args: argparse.Namespace) -> int:
 
 def _show(config: Config, args: argparse.Namespace) -> int:
     async def read(spool: Spool) -> tuple[JobView | None, list[tuple[str, int]]]:
-        return await spool.job(args.name), await spool.job_failures(args.name, 5)
+        return await spool.job(args.name), await spool.job_failures(args.name, TOP_FAILURES)
 
     found = _on_spool(config, read)
     job, failures = found if found else (None, [])
     if job is None:
         return _no_job(args.name)
     if args.json:
-        data = _job_json(job, config)
-        data["top_failures"] = [{"reply": reply, "count": n} for reply, n in failures]
-        print(json.dumps(data, indent=2))
+        print(json.dumps(job_detail_json(job, failures, config), indent=2))
         return EXIT_OK
     lines = [
         ("job", job.name),
         ("route", job.route),
-        ("state", job.state.value + (f" ({note})" if (note := _waiting(job, config)) else "")),
-        ("progress", f"{_bar(job)} {_finished(job)} of {job.total} recipients finished"),
+        ("state", job.state.value + (f" ({note})" if (note := waiting(job, config)) else "")),
+        ("progress", f"{_bar(job)} {finished(job)} of {job.total} recipients finished"),
         ("created", when(job.created_at)),
         ("started", when(job.started_at) or "not yet"),
         ("finished", when(job.finished_at) if job.state is JobState.DONE else ""),
@@ -186,7 +178,7 @@ def _recipients(config: Config, args: argparse.Namespace) -> int:
                 if writer:
                     writer.writerow(values)
                 elif args.json:
-                    print(json.dumps(dict(zip([*fields, "last_reply"], values, strict=True))))
+                    print(json.dumps(recipient_json(r)))
                 else:
                     rows.append(values)
             if len(rows) >= TABLE_ROWS:  # a table is for people; --csv streams them all
@@ -292,55 +284,7 @@ def _no_job(name: str) -> int:
     return EXIT_FAILURE
 
 
-def _finished(job: JobView) -> int:
-    return sum(job.counts.get(state, 0) for state in FINAL_STATES)
-
-
-def _in_flight(job: JobView, state: RecipientState) -> int:
-    """`queued` in the table includes held and sending ones: all not yet tried or on the
-    wire right now."""
-    if state is RecipientState.QUEUED:
-        return job.counts.get(RecipientState.HELD, 0) + job.counts.get(RecipientState.SENDING, 0)
-    return 0
-
-
 def _bar(job: JobView) -> str:
-    share = _finished(job) / job.total if job.total else 1.0
+    share = progress(job)
     filled = round(share * BAR_WIDTH)
     return f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {share:4.0%}"
-
-
-def _waiting(job: JobView, config: Config) -> str | None:
-    """Why an unfinished job is not sending right now, and until when."""
-    now = clock.now()
-    if job.state is JobState.HELD:
-        return f"held: send it with `smtpgate job release {job.name}`"
-    if job.state is JobState.PAUSED:
-        return f"paused: go on with `smtpgate job resume {job.name}`"
-    if job.state in (JobState.DONE, JobState.CANCELLED):
-        return None
-    if job.send_at and job.send_at > now:
-        return f"scheduled: sending starts {when(job.send_at)}"
-    route = config.routes.get(job.route)
-    if route is None:
-        return f"route {job.route!r} is no longer in the config"
-    if route.mode == "track":
-        pace = RoutePace(SendingWindows(route.window, route.timezone), route.rate, 1.0)
-        return pace.waiting_reason(now)
-    return None
-
-
-def _job_json(job: JobView, config: Config) -> dict[str, Any]:
-    return {
-        "name": job.name,
-        "route": job.route,
-        "state": job.state.value,
-        "waiting": _waiting(job, config),
-        "total": job.total,
-        "counts": {state.value: job.counts.get(state, 0) for state in RecipientState},
-        "created_at": iso(job.created_at),
-        "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at) if job.state is JobState.DONE else None,
-        "send_at": iso(job.send_at),
-        "submitted_by": job.submitted_by,
-    }

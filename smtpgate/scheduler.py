@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from smtpgate import clock, crashpoints, logs
 from smtpgate.bounce import Bouncer
@@ -37,11 +37,14 @@ class Scheduler:
         waiting: Mapping[str, str],
         paces: Mapping[str, RoutePace] | None = None,
         bouncer: Bouncer | None = None,
+        on_recorded: Callable[[Sequence[RecipientUpdate]], None] | None = None,
     ) -> None:
         """`transports` and `retry_policies` by route name (routes may share a transport);
         `waiting` names the routes that cannot send, with the reason `smtpgate queue` shows;
-        `paces` holds the windows and rates of track routes."""
+        `paces` holds the windows and rates of track routes; `on_recorded` sees every
+        result once it is written (the metrics count them)."""
         self._spool = spool
+        self._on_recorded = on_recorded
         self._paces = dict(paces or {})
         self._bouncer = bouncer
         self._controls: dict[str, JobControl] = {}
@@ -262,7 +265,6 @@ class Scheduler:
         for errors in range(len(SPOOL_RETRY_SECONDS) * 20):
             try:
                 await self._spool.record(updates, now)
-                return True
             except Exception:
                 wait = SPOOL_RETRY_SECONDS[min(errors, len(SPOOL_RETRY_SECONDS) - 1)]
                 log.exception(
@@ -271,6 +273,10 @@ class Scheduler:
                     seconds=wait,
                 )
                 await asyncio.sleep(wait)
+            else:
+                if self._on_recorded is not None:
+                    self._on_recorded(updates)
+                return True
         log.error(
             "giving up recording delivery results; the recipients stay leased and"
             " are sent again after a restart",

@@ -27,6 +27,7 @@ from smtpgate.spool.salvage import SalvageReport
 from smtpgate.transports import RelayTransport, Transport
 from smtpgate.transports.direct import DirectTransport
 from smtpgate.transports.mx import MxResolver
+from smtpgate.web import Metrics, Monitor, WebServer, build_app
 from smtpgate.windows import SendingWindows
 
 log = logs.get(__name__)
@@ -106,6 +107,7 @@ class Server:
         #    find every relay's password (a missing one is a config error, now).
         refuse_open_relay(config)
         passwords = config.relay_passwords(os.environ)
+        token = config.http.resolve_token(os.environ)
         # 2. Take the spool (and its single-server lock), salvaging a damaged one into a
         #    fresh spool; release work a dead process leased.
         spool = SqliteSpool.open(
@@ -116,6 +118,7 @@ class Server:
         listeners: list[asyncio.Server] = []
         transports: dict[str, Transport] = {}
         scheduler_task: asyncio.Task[None] | None = None
+        web_server: WebServer | None = None
         try:
             released = await spool.release_leases(clock.now())
             if released:
@@ -138,10 +141,29 @@ class Server:
                 for name, route in config.routes.items()
                 if route.mode == "track"
             }
+            metrics = Metrics(spool, config.spool_path())
             scheduler = Scheduler(
-                spool, transports, retry, waiting, paces, Bouncer(config, spool, router)
+                spool,
+                transports,
+                retry,
+                waiting,
+                paces,
+                Bouncer(config, spool, router),
+                on_recorded=metrics.count_results,
             )
-            # 4. The accepting side.
+            # 4. Monitoring over HTTP, before SMTP: once SMTP answers, so does the API.
+            if config.http.listen:
+                web_server = WebServer(build_app(Monitor(config, spool, metrics, token)))
+                for address in config.http.listen:
+                    try:
+                        await web_server.listen(address)
+                    except OSError as error:
+                        raise StartupError(
+                            f"cannot serve HTTP on {address}: {error.strerror}; change"
+                            " [http] listen (or SMTPGATE_HTTP__LISTEN), or turn it off"
+                            " with listen = []"
+                        ) from None
+            # 5. The accepting side.
             policy = RelayPolicy(config.server.trusted_networks)
             connections = Connections(
                 config.server.max_connections,
@@ -154,13 +176,13 @@ class Server:
                 if config.routes[name].passthrough and isinstance(transport, RelayTransport)
             }
             passthrough = Passthrough(live_routes) if live_routes else None
+
+            def stored() -> None:
+                metrics.count_accepted()
+                scheduler.wake()
+
             handler = Handler(
-                config,
-                spool,
-                router,
-                policy,
-                on_stored=scheduler.wake,
-                passthrough=passthrough,
+                config, spool, router, policy, on_stored=stored, passthrough=passthrough
             )
             factory = protocol_factory(config, handler, connections)
             loop = asyncio.get_running_loop()
@@ -181,7 +203,7 @@ class Server:
                 spool=str(config.spool_path()),
                 routes={n: r.mode for n, r in config.routes.items()},
             )
-            # 5. Run until asked to stop.
+            # 6. Run until asked to stop.
             self._install_signal_handlers()
             await self._stop.wait()
             # Shutdown checklist:
@@ -197,7 +219,8 @@ class Server:
             #    and are sent again after the next start);
             await scheduler.drain(DELIVERY_GRACE_SECONDS)
         finally:
-            # d. stop the scheduler, then close the spool: everything acknowledged is on disk.
+            # d. stop the scheduler and the HTTP server (monitoring stays up while work
+            #    drains), then close the spool: everything acknowledged is on disk.
             if scheduler_task is not None:
                 scheduler_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -206,6 +229,8 @@ class Server:
                 listener.close()
             for transport in set(transports.values()):
                 await transport.close()
+            if web_server is not None:
+                await web_server.stop()
             await spool.close()
             log.info("stopped")
 

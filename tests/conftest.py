@@ -588,7 +588,13 @@ class Gateway:
         self, workdir: Path, config_text: str, port: int, env: dict[str, str] | None = None
     ) -> None:
         self.workdir = workdir
-        self.env = {**_clean_env(), **(env or {})}
+        # Its HTTP interface on a port of its own: 8025 may be taken on a shared machine.
+        self.http_port = free_port()
+        self.env = {
+            **_clean_env(),
+            "SMTPGATE_HTTP__LISTEN": f'["127.0.0.1:{self.http_port}"]',
+            **(env or {}),
+        }
         self.port = port
         self.state_dir = workdir / "state"
         self.config_path = workdir / "smtpgate.toml"

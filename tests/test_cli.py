@@ -111,6 +111,7 @@ def test_serve_on_embedded_defaults_with_no_config_file(tmp_path: Path, dns_zone
             "SMTPGATE_STATE_DIR": str(tmp_path / "state"),
             "SMTPGATE_SERVER__LISTEN": f'["127.0.0.1:{port}"]',
             "SMTPGATE_DNS__NAMESERVERS": f'["127.0.0.1:{dns_zone.port}"]',
+            "SMTPGATE_HTTP__LISTEN": f'["127.0.0.1:{free_port()}"]',
         }
     )
     with subprocess.Popen(
@@ -177,7 +178,9 @@ def test_second_server_on_the_same_spool_refuses_to_start(
     second = gateway.workdir / "second.toml"
     second.write_text(config)
 
-    result = smtpgate("serve", "--config", str(second), cwd=gateway.workdir)
+    result = smtpgate(
+        "serve", "--config", str(second), cwd=gateway.workdir, env={"SMTPGATE_HTTP__LISTEN": "[]"}
+    )
 
     assert result.returncode == 1
     assert "is in use by smtpgate pid" in result.stderr
@@ -191,7 +194,8 @@ def test_a_taken_port_is_a_clear_error(gateway_factory: GatewayFactory, tmp_path
         f'[server]\nlisten = ["127.0.0.1:{gateway.port}"]\n'
         f'state_dir = "{tmp_path / "other-state"}"\n'
     )
-    result = smtpgate("serve", "--config", str(path), cwd=tmp_path)
+    no_http = {"SMTPGATE_HTTP__LISTEN": "[]"}  # its HTTP port is not what this is about
+    result = smtpgate("serve", "--config", str(path), cwd=tmp_path, env=no_http)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{gateway.port}" in result.stderr
     assert "Traceback" not in result.stderr

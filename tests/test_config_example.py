@@ -14,6 +14,7 @@ from smtpgate.config import (
     DeliveryConfig,
     DirectConfig,
     DnsConfig,
+    HttpConfig,
     LogConfig,
     RelayConfig,
     RouteConfig,
@@ -31,6 +32,7 @@ TABLES: dict[tuple[str, ...], type[BaseModel]] = {  # the tables that document e
     ("delivery",): DeliveryConfig,
     ("direct",): DirectConfig,
     ("dns",): DnsConfig,
+    ("http",): HttpConfig,
     ("relays.corp",): RelayConfig,
     ("routes.corp", "routes.newsletter"): RouteConfig,
     ("[rules]",): RuleConfig,
@@ -82,6 +84,7 @@ def test_example_documents_every_key() -> None:
         "delivery",
         "direct",
         "dns",
+        "http",
         "relays",
         "routes",
         "rules",
@@ -106,3 +109,4 @@ def test_example_defaults_are_the_real_defaults(tmp_path: Path) -> None:
     assert example.spool == defaults.spool
     assert example.direct == defaults.direct
     assert example.dns == defaults.dns
+    assert example.http == defaults.http
