@@ -112,7 +112,7 @@ async def schedule_job(request: web.Request) -> web.StreamResponse:
     if text is not None and not isinstance(text, str):
         raise web.HTTPBadRequest(reason="send_at: an RFC 3339 string, or null")
     try:
-        send_at = None if text is None else parse_send_at(text)
+        send_at = None if text is None else parse_send_at(text, clock.now())
     except SendAtError as error:
         raise web.HTTPBadRequest(reason=f"send_at: {error}") from None
     try:
