@@ -208,19 +208,27 @@ def _check(config: Config, args: argparse.Namespace) -> int:
 
 def _send(config: Config, args: argparse.Namespace) -> int:
     import smtplib
+    import ssl
 
     from smtpgate.check import sample_message
 
     if args.route and args.route not in config.routes:
         raise ConfigError(f"--route: no route {args.route!r} (defined: {', '.join(config.routes)})")
-    listen = config.server.listen[0]
+    # A plain listener if there is one; else an ssl:// one, whose certificate need not
+    # be checked: this is the gateway on this machine, by its address.
+    listen = min(config.server.listen, key=lambda address: address.tls)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)  # noqa: S104
     sender = args.sender or f"smtpgate-send@{config.server.hostname}"
     content = sample_message(config, sender, ", ".join(args.to), args.route or "by rules")
     if args.route:
         content = f"X-Smtpgate-Route: {args.route}\r\n".encode() + content
+    connect: type[smtplib.SMTP] = smtplib.SMTP
+    options: dict[str, Any] = {}
+    if listen.tls:
+        connect = smtplib.SMTP_SSL
+        options["context"] = ssl._create_unverified_context()  # noqa: S323
     try:
-        with smtplib.SMTP(host, listen.port, timeout=30) as client:
+        with connect(host, listen.port, timeout=30, **options) as client:
             client.ehlo(config.server.hostname)
             client.mail(sender)
             for recipient in args.to:
@@ -306,13 +314,18 @@ def _suggest(config: Config, args: argparse.Namespace) -> int:
 
 
 def _config_check(config: Config, args: argparse.Namespace) -> int:
+    from smtpgate.auth import auth_file, auth_warning
+    from smtpgate.listener import tls_context
     from smtpgate.policy import refuse_open_relay
 
     refuse_open_relay(config)
     config.relay_passwords(os.environ)  # a password_env that is not set is an error now
     config.http.resolve_token(os.environ)  # and so is an HTTP token_env
-    for warning in config.warnings():
-        print(f"warning: {warning}", file=sys.stderr)
+    tls_context(config)  # a certificate that cannot be read or used is an error now
+    auth_file(config)
+    for warning in [*config.warnings(), auth_warning(config)]:
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     effective = masked(config)
     if args.json:
         print(json.dumps(effective, indent=2))

@@ -1,4 +1,4 @@
-"""The users file and `smtpgate user`."""
+"""The users file and `smtpgate user`, and the throttle on failed logins."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from smtpgate import users
+from smtpgate.auth import Throttle
+from smtpgate.config import AuthConfig
 
 
 def smtpgate(tmp_path: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
@@ -122,3 +124,69 @@ def test_hashes_are_salted_and_carry_their_parameters() -> None:
     assert not users.verify_password(b"pW", cheap)
     with pytest.raises(ValueError, match="out of range"):
         users.verify_password(b"pw", cheap.replace("ln=4", "ln=40"))
+
+
+# --- the throttle on failed logins ------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_failures_are_forgotten_after_the_window() -> None:
+    clock = Clock()
+    throttle = Throttle(window=60, most=10, clock=clock)
+    throttle.add("192.0.2.1")
+    clock.now += 30
+    throttle.add("192.0.2.1")
+    assert throttle.count("192.0.2.1") == 2
+    assert throttle.count("192.0.2.2") == 0
+    clock.now += 31
+    assert throttle.count("192.0.2.1") == 1
+    clock.now += 30
+    assert throttle.count("192.0.2.1") == 0
+
+
+def test_an_ipv6_host_cannot_escape_by_changing_address() -> None:
+    throttle = Throttle(window=60, most=10, clock=Clock())
+    throttle.add("2001:db8:1:2::1")
+    throttle.add("2001:db8:1:2:ffff::9")
+    throttle.add("::ffff:192.0.2.1")
+    assert throttle.count("2001:db8:1:2::77") == 2
+    assert throttle.count("2001:db8:1:3::1") == 0
+    assert throttle.count("192.0.2.1") == 1  # an IPv4 client seen through a v6 socket
+
+
+def test_a_success_takes_back_only_its_own_try() -> None:
+    clock = Clock()
+    throttle = Throttle(window=60, most=10, clock=clock)
+    throttle.add("192.0.2.1")
+    clock.now += 1
+    token = throttle.add("192.0.2.1")
+    throttle.forgive("192.0.2.1", token)
+    assert throttle.count("192.0.2.1") == 1
+
+
+def test_tarpit_doubles_up_to_its_cap(tmp_path: Path) -> None:
+    from smtpgate.auth import Authenticator
+
+    settings = AuthConfig(
+        tarpit_after=2, tarpit_delay="1s", tarpit_max_delay="5s", max_auth_failures=10
+    )
+    clock = Clock()
+    authenticator = Authenticator(tmp_path / "users", settings, clock)
+    delays = []
+    for _ in range(7):
+        delays.append(authenticator.delay("192.0.2.1"))
+        authenticator._throttle.add("192.0.2.1")
+    assert delays == [0, 0, 1, 2, 4, 5, 5]
+    assert not authenticator.blocked("192.0.2.1")
+    for _ in range(3):
+        authenticator._throttle.add("192.0.2.1")
+    assert authenticator.blocked("192.0.2.1")
+    clock.now += settings.failure_window
+    assert authenticator.delay("192.0.2.1") == 0 and not authenticator.blocked("192.0.2.1")
