@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 import smtplib
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -429,3 +431,59 @@ def test_a_key_that_does_not_fit_is_a_config_error(
         assert result.returncode == 2, result.stderr
         assert "server.tls: cannot use" in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_tls_sessions_give_back_their_connection_slot(
+    gateway_factory: GatewayFactory, certificates: Certificates
+) -> None:
+    """With room for one session (from one address): a failed TLS handshake, a STARTTLS
+    session and an implicit TLS session each leave the room free for the next client."""
+    port = free_port()
+    gateway = road_gateway(
+        gateway_factory,
+        certificates,
+        server="max_connections = 1\nmax_connections_per_client = 1\n",
+        listen=(f"ssl://127.0.0.1:{port}",),
+    )
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"EHLO not-speaking-tls.test\r\n")  # not a TLS ClientHello
+            assert sock.recv(100) == b""  # the handshake fails; closed without a greeting
+        with secured(gateway, certificates) as client:
+            assert client.login("alice", PASSWORD)[0] == 235
+        wait_until(lambda: _greets(gateway.port), what="the STARTTLS session's slot")
+        with smtplib.SMTP_SSL(
+            "127.0.0.1", port, context=certificates.client_context(), timeout=30
+        ) as client:
+            assert client.login("alice", PASSWORD)[0] == 235
+        wait_until(lambda: _greets(gateway.port), what="the implicit TLS session's slot")
+
+
+def _greets(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        return sock.recv(100).startswith(b"220")
+
+
+def test_smtpgate_send_reaches_an_ssl_only_gateway(
+    gateway_factory: GatewayFactory, certificates: Certificates
+) -> None:
+    port = free_port()
+    gateway = gateway_factory(tls_config(certificates), listen=(f"ssl://127.0.0.1:{port}",))
+    ssl_only = gateway.workdir / "ssl-only.toml"
+    ssl_only.write_text(
+        re.sub(
+            r"(?m)^listen = .*$",
+            f'listen = ["ssl://127.0.0.1:{port}"]',
+            gateway.config_path.read_text(),
+        )
+    )
+    result = subprocess.run(
+        [*gateway.command("send", "--to", "ops@example.com")[:-2], "--config", str(ssl_only)],
+        capture_output=True,
+        text=True,
+        env=gateway.env,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("250 2.0.0 Ok: queued as ")
+    assert list(gateway.recipients()) == ["ops@example.com"]
