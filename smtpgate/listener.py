@@ -620,7 +620,9 @@ class GatewaySMTP(SMTP):
         elif not 1 <= len(words) <= 2:
             await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
         elif words[0].upper() not in MECHANISMS:
-            await self.push(f"504 5.5.4 Unrecognized authentication type; use {MECHANISMS}")
+            await self.push(
+                f"504 5.5.4 Unrecognized authentication type; use {' or '.join(MECHANISMS)}"
+            )
         elif authenticator.blocked(client := self._client or "?"):
             log.warning("authentication refused: too many failures", client=client)
             await self._close("421 4.7.0 Too many failed logins from your address, try later")
@@ -628,9 +630,7 @@ class GatewaySMTP(SMTP):
             mechanism = words[0].upper()
             credentials = await self._credentials(mechanism, words[1] if len(words) > 1 else None)
             if credentials is None:  # cancelled by the client, or not base64: replied already
-                self._auth_failures += 1
-                if self._auth_failures >= authenticator.settings.max_session_attempts:
-                    await self._close("421 4.7.0 Too many authentication attempts")
+                await self._failed_in_session(authenticator, None)
                 return
             login, password = credentials
             verdict = await authenticator.attempt(client, mechanism, login, password)
@@ -651,12 +651,19 @@ class GatewaySMTP(SMTP):
         elif verdict is Verdict.BLOCKED:
             await self._close("421 4.7.0 Too many failed logins from your address, try later")
         else:
-            self._auth_failures += 1
-            if self._auth_failures >= authenticator.settings.max_session_attempts:
-                log.warning("session closed: too many failed logins", client=self._client)
-                await self._close("421 4.7.0 Too many authentication attempts")
-            else:
-                await self.push("535 5.7.8 Authentication credentials invalid")
+            await self._failed_in_session(
+                authenticator, "535 5.7.8 Authentication credentials invalid"
+            )
+
+    async def _failed_in_session(self, authenticator: Authenticator, reply: str | None) -> None:
+        """Count a failed AUTH in this session; past max_session_attempts, 421 and close
+        (else `reply`, unless the exchange has answered already)."""
+        self._auth_failures += 1
+        if self._auth_failures >= authenticator.settings.max_session_attempts:
+            log.warning("session closed: too many failed logins", client=self._client)
+            await self._close("421 4.7.0 Too many authentication attempts")
+        elif reply is not None:
+            await self.push(reply)
 
     async def _credentials(self, mechanism: str, initial: str | None) -> tuple[bytes, bytes] | None:
         """(login, password) from the initial response or the 334 challenges; None when

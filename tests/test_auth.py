@@ -262,6 +262,32 @@ def test_a_session_gets_few_tries(
     assert [e["user"] for e in events(gateway, "authentication failed")] == ["alice", "mallory"]
 
 
+def test_the_auth_exchange_answers_each_misstep(
+    gateway_factory: GatewayFactory, certificates: Certificates
+) -> None:
+    gateway = road_gateway(gateway_factory, certificates, auth="max_session_attempts = 10\n")
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    with secured(gateway, certificates) as client:
+        assert client.docmd("AUTH", "CRAM-MD5") == (
+            504,
+            b"5.5.4 Unrecognized authentication type; use LOGIN or PLAIN",
+        )
+        assert client.docmd("AUTH", "PLAIN not*base64") == (501, b"5.5.2 Cannot decode base64")
+        assert client.docmd("AUTH", "LOGIN") == (334, b64("Username:").encode())
+        assert client.docmd("*") == (501, b"5.7.0 Auth aborted")  # RFC 4954: the client cancels
+        # Acting for another user (RFC 4616 authorization identity) is not supported:
+        reply = client.docmd("AUTH", "PLAIN " + b64(f"bob\0alice\0{PASSWORD}"))
+        assert reply == (535, b"5.7.8 Authentication credentials invalid")
+        # PLAIN's response after an empty challenge, and LOGIN with an initial response:
+        assert client.docmd("AUTH", "PLAIN") == (334, b"")
+        assert client.docmd(plain_response("alice", "wrong"))[0] == 535
+        assert client.docmd("AUTH", "LOGIN " + b64("alice")) == (334, b64("Password:").encode())
+        assert client.docmd(b64(PASSWORD)) == (235, b"2.7.0 Authentication successful")
+
+
 def test_users_change_without_a_restart(
     gateway_factory: GatewayFactory, certificates: Certificates
 ) -> None:

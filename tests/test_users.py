@@ -190,3 +190,12 @@ def test_tarpit_doubles_up_to_its_cap(tmp_path: Path) -> None:
     assert authenticator.blocked("192.0.2.1")
     clock.now += settings.failure_window
     assert authenticator.delay("192.0.2.1") == 0 and not authenticator.blocked("192.0.2.1")
+
+
+def test_config_check_warns_about_users_without_a_certificate(tmp_path: Path) -> None:
+    smtpgate(tmp_path, "user", "add", "alice", "--password-stdin", stdin="pw\n")
+    result = smtpgate(tmp_path, "config", "check")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {tmp_path / 'users'} has users, but AUTH is offered only over TLS" in (
+        result.stderr
+    )
