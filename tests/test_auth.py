@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 import smtplib
 import socket
@@ -337,6 +338,12 @@ def test_the_auth_user_can_pick_the_route(
         client.sendmail("app@example.org", ["carol@example.net"], MESSAGE)
     assert gateway.wait_for_state("carol@example.net", "failed")["route"] == "direct"
     assert len(upstream.messages) == 1
+    # The spool keeps who submitted each job's first message:
+    jobs = json.loads(gateway.cli("jobs", "--json").stdout)
+    assert {job["route"]: job["submitted_by"] for job in jobs} == {
+        "upstream": "alice",
+        "direct": None,
+    }
 
 
 class RecordingSpool(SqliteSpool):
