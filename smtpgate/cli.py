@@ -153,6 +153,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     suggest.set_defaults(run=_suggest, creates_config=True)
     monitor.add_commands(commands, common)
+
+    user = commands.add_parser(
+        "user", parents=[common], help="users who may log in (AUTH) to send from anywhere"
+    )
+    user_commands = user.add_subparsers(metavar="ACTION", required=True)
+    add = user_commands.add_parser(
+        "add", parents=[common], help="add a user, asking for the password twice"
+    )
+    add.add_argument("name", metavar="NAME")
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
+    add.add_argument("--replace", action="store_true", help="set a new password for NAME")
+    add.set_defaults(run=_user_add)
+    remove = user_commands.add_parser("remove", parents=[common], help="remove a user")
+    remove.add_argument("name", metavar="NAME")
+    remove.set_defaults(run=_user_remove)
+    listing = user_commands.add_parser("list", parents=[common], help="the users' names")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=_user_list)
     return parser
 
 
@@ -188,19 +208,27 @@ def _check(config: Config, args: argparse.Namespace) -> int:
 
 def _send(config: Config, args: argparse.Namespace) -> int:
     import smtplib
+    import ssl
 
     from smtpgate.check import sample_message
 
     if args.route and args.route not in config.routes:
         raise ConfigError(f"--route: no route {args.route!r} (defined: {', '.join(config.routes)})")
-    listen = config.server.listen[0]
+    # A plain listener if there is one; else an ssl:// one, whose certificate need not
+    # be checked: this is the gateway on this machine, by its address.
+    listen = min(config.server.listen, key=lambda address: address.tls)
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)  # noqa: S104
     sender = args.sender or f"smtpgate-send@{config.server.hostname}"
     content = sample_message(config, sender, ", ".join(args.to), args.route or "by rules")
     if args.route:
         content = f"X-Smtpgate-Route: {args.route}\r\n".encode() + content
+    connect: type[smtplib.SMTP] = smtplib.SMTP
+    options: dict[str, Any] = {}
+    if listen.tls:
+        connect = smtplib.SMTP_SSL
+        options["context"] = ssl._create_unverified_context()  # noqa: S323
     try:
-        with smtplib.SMTP(host, listen.port, timeout=30) as client:
+        with connect(host, listen.port, timeout=30, **options) as client:
             client.ehlo(config.server.hostname)
             client.mail(sender)
             for recipient in args.to:
@@ -286,13 +314,18 @@ def _suggest(config: Config, args: argparse.Namespace) -> int:
 
 
 def _config_check(config: Config, args: argparse.Namespace) -> int:
+    from smtpgate.auth import auth_file, auth_warning
+    from smtpgate.listener import tls_context
     from smtpgate.policy import refuse_open_relay
 
     refuse_open_relay(config)
     config.relay_passwords(os.environ)  # a password_env that is not set is an error now
     config.http.resolve_token(os.environ)  # and so is an HTTP token_env
-    for warning in config.warnings():
-        print(f"warning: {warning}", file=sys.stderr)
+    tls_context(config)  # a certificate that cannot be read or used is an error now
+    auth_file(config)
+    for warning in [*config.warnings(), auth_warning(config)]:
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     effective = masked(config)
     if args.json:
         print(json.dumps(effective, indent=2))
@@ -322,6 +355,95 @@ def _as_toml(data: dict[str, Any], prefix: str = "") -> str:
         body = _as_toml(value, f"{prefix}{key.strip('[]')}.")
         out += f"\n\n{name}\n{body}" if out else f"{name}\n{body}"
     return out.strip("\n")
+
+
+# --- users ------------------------------------------------------------------------------
+
+
+def _user_add(config: Config, args: argparse.Namespace) -> int:
+    from smtpgate import users
+
+    path = config.users_path()
+    if problem := users.name_problem(args.name):
+        print(f"smtpgate: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    password = _new_password(args.name, from_stdin=args.password_stdin)
+    if password is None:
+        return EXIT_FAILURE
+    try:
+        created = users.add(path, args.name, password.encode("utf-8"), replace=args.replace)
+    except users.UserExistsError as error:
+        print(f"smtpgate: {error}; use --replace to set a new password", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, users.UsersFileError) as error:
+        print(f"smtpgate: users file {path}: {_reason(error)}", file=sys.stderr)
+        return EXIT_FAILURE
+    done = "set a new password for" if args.replace else "added"
+    print(f"{done} {args.name} in {path}" if args.replace else f"{done} {args.name} to {path}")
+    if config.server.tls.cert_file is None:
+        print(
+            "note: AUTH is offered only over TLS: set cert_file and key_file in [server.tls]",
+            file=sys.stderr,
+        )
+    if created:
+        print("note: restart a running `smtpgate serve` to offer AUTH", file=sys.stderr)
+    return EXIT_OK
+
+
+def _new_password(name: str, *, from_stdin: bool) -> str | None:
+    """From one line of stdin, or asked twice on the terminal; None (said why) if empty."""
+    import getpass
+
+    if from_stdin:
+        password = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
+    else:
+        password = getpass.getpass(f"password for {name}: ")
+        if password and getpass.getpass("again: ") != password:
+            print("smtpgate: the passwords differ; nothing changed", file=sys.stderr)
+            return None
+    if not password:
+        print("smtpgate: an empty password is not allowed; nothing changed", file=sys.stderr)
+        return None
+    return password
+
+
+def _user_remove(config: Config, args: argparse.Namespace) -> int:
+    from smtpgate import users
+
+    path = config.users_path()
+    try:
+        removed = users.remove(path, args.name)
+    except (OSError, users.UsersFileError) as error:
+        print(f"smtpgate: users file {path}: {_reason(error)}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not removed:
+        print(f"smtpgate: no user {args.name} in {path}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"removed {args.name} from {path}")
+    return EXIT_OK
+
+
+def _user_list(config: Config, args: argparse.Namespace) -> int:
+    from smtpgate import users
+
+    path = config.users_path()
+    try:
+        names = sorted(users.read(path))
+    except FileNotFoundError:
+        print(f"no users file at {path}: AUTH is off", file=sys.stderr)
+        names = []
+    except (OSError, users.UsersFileError) as error:
+        print(f"smtpgate: users file {path}: {_reason(error)}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps({"users_file": str(path), "users": names}, indent=2))
+    else:
+        print("\n".join(names) if names else "no users")
+    return EXIT_OK
+
+
+def _reason(error: Exception) -> str:
+    return error.strerror or str(error) if isinstance(error, OSError) else str(error)
 
 
 # --- queue ------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ ENV_PREFIX = "SMTPGATE_"
 DEFAULT_CONFIG_NAME = "smtpgate.toml"
 BUILTIN_DIRECT_ROUTE = "direct"
 SECRET_KEYS = frozenset({"password", "token"})
+IMPLICIT_TLS_SCHEME = "ssl://"
+USERS_FILE_NAME = "users"  # in the state directory, unless server.auth.users_file says
 
 
 class ConfigError(Exception):
@@ -113,22 +115,27 @@ NetworkList = Annotated[
 
 
 class ListenAddress(BaseModel):
-    """One listening socket, written 'host:port' or '[v6]:port'."""
+    """One listening socket, written 'host:port' or '[v6]:port'; an 'ssl://' prefix makes
+    it speak TLS from the first byte (implicit TLS, RFC 8314: the submission port 465)."""
 
     model_config = ConfigDict(frozen=True)
     host: str
     port: int
+    tls: bool = False
 
     @classmethod
     def parse(cls, text: str) -> ListenAddress:
-        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", text.strip())
+        text = text.strip()
+        tls = text.lower().startswith(IMPLICIT_TLS_SCHEME)
+        address = text[len(IMPLICIT_TLS_SCHEME) :] if tls else text
+        match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]/]+):(\d+)", address)
         if not match:
-            raise ValueError(f"{text!r} is not 'host:port' or '[ipv6]:port'")
+            raise ValueError(f"{text!r} is not 'host:port', '[ipv6]:port' or 'ssl://host:port'")
         host = match.group(1) or match.group(3)
         port = int(match.group(2) or match.group(4))
         if not 0 <= port <= 65535:
             raise ValueError(f"port {port} is out of range 0-65535")
-        return cls(host=host, port=port)
+        return cls(host=host, port=port, tls=tls)
 
     def is_loopback(self) -> bool:
         """True when only this machine can connect (so no one else can relay through it)."""
@@ -140,7 +147,8 @@ class ListenAddress(BaseModel):
             return False  # a host name: assume the worst
 
     def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return IMPLICIT_TLS_SCHEME + address if self.tls else address
 
 
 def _listen_list(value: object) -> object:
@@ -156,6 +164,45 @@ def _listen_list(value: object) -> object:
 class _Section(BaseModel):
     # coerce_numbers_to_str: SMTPGATE_SERVER__HOSTNAME=123 reads as TOML 123, still a name.
     model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+
+
+class ListenerTlsConfig(_Section):
+    """The listener's certificate: with one, plain listeners offer STARTTLS and ssl://
+    listeners speak TLS; AUTH is offered only over TLS."""
+
+    cert_file: Path | None = None  # PEM: the certificate, then any intermediates
+    key_file: Path | None = None  # PEM; default: the key is in cert_file
+
+    @field_validator("cert_file", "key_file")
+    @classmethod
+    def _exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} is not a readable file")
+        return path
+
+    @model_validator(mode="after")
+    def _pair(self) -> ListenerTlsConfig:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not")
+        return self
+
+
+class AuthConfig(_Section):
+    """AUTH on the listener (PLAIN, LOGIN; over TLS only), and the limits on guessing."""
+
+    users_file: Path | None = None  # default: <state_dir>/users; AUTH is on when it exists
+    max_auth_failures: int = Field(default=5, ge=1)  # per client address in failure_window
+    failure_window: Annotated[Duration, Field(gt=0)] = 900.0
+    max_session_attempts: int = Field(default=3, ge=1)  # failed AUTHs in one session
+    tarpit_after: int = Field(default=3, ge=0)  # failures before replies slow down
+    tarpit_delay: Duration = 1.0  # the first delay; doubles with each further failure
+    tarpit_max_delay: Duration = 15.0
+
+    @model_validator(mode="after")
+    def _delays(self) -> AuthConfig:
+        if self.tarpit_max_delay < self.tarpit_delay:
+            raise ValueError("tarpit_max_delay must not be less than tarpit_delay")
+        return self
 
 
 class ServerConfig(_Section):
@@ -184,6 +231,8 @@ class ServerConfig(_Section):
     default_route: str = BUILTIN_DIRECT_ROUTE
     # A garbled X-Smtpgate-Send-At: refuse the message at DATA, or send it now and log it.
     invalid_send_at: Literal["refuse", "send_now"] = "refuse"
+    tls: ListenerTlsConfig = Field(default_factory=ListenerTlsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
 
 class SpoolConfig(_Section):
@@ -324,6 +373,8 @@ def _nameservers(value: object) -> object:
             parsed.append(ListenAddress(host=item, port=53))
         except ValueError:
             address = ListenAddress.parse(item)
+            if address.tls:
+                raise ValueError(f"{item!r}: DNS servers are not reached over ssl://") from None
             ipaddress.ip_address(address.host)  # a resolver is named by its address
             parsed.append(address)
     return parsed
@@ -453,6 +504,7 @@ class RuleConfig(_Section):
     recipient_domain: StrList | None = None
     client: NetworkList | None = None
     header: StrList | None = None  # values of X-Smtpgate-Route
+    auth_user: StrList | None = None  # AUTH user names; no client without AUTH matches
 
 
 class HttpConfig(_Section):
@@ -520,6 +572,12 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Config:
+        implicit = [str(a) for a in self.server.listen if a.tls]
+        if implicit and self.server.tls.cert_file is None:
+            raise ValueError(
+                f"server.listen: {', '.join(implicit)} speaks TLS, but there is no"
+                " certificate: set cert_file and key_file in [server.tls]"
+            )
         if BUILTIN_DIRECT_ROUTE not in self.routes:
             self.routes[BUILTIN_DIRECT_ROUTE] = RouteConfig(mode="direct")
         for name, route in self.routes.items():
@@ -569,6 +627,10 @@ class Config(_Section):
         if self.server.state_dir is None:
             raise ConfigError("server.state_dir is not set")  # set by load(); a bug otherwise
         return self.server.state_dir
+
+    def users_path(self) -> Path:
+        """The users file for AUTH, whether or not it exists yet."""
+        return self.server.auth.users_file or self.state_dir() / USERS_FILE_NAME
 
     def spool_path(self) -> Path:
         if self.spool.url:

@@ -7,18 +7,22 @@ DATA only after the spool has made the message durable, quoting the queue id.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import functools
 import os
 import re
+import ssl
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, AnyStr
+from typing import Any, AnyStr, cast
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
 
 from smtpgate import addresses, clock, crashpoints, logs
 from smtpgate.addresses import Role
-from smtpgate.config import Config, valid_job_name
+from smtpgate.auth import MECHANISMS, Authenticator, Verdict
+from smtpgate.config import Config, ConfigError, valid_job_name
 from smtpgate.content import ContentRefused, canonical, helo_for_trace, received
 from smtpgate.headers import split_controls
 from smtpgate.jobs import SendAtError, job_of, parse_send_at
@@ -93,7 +97,11 @@ class Handler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        return [*responses[:-1], "250-ENHANCEDSTATUSCODES", responses[-1]]
+        # AUTH is ours to advertise: only when users exist, and only over TLS.
+        kept = [r for r in responses[:-1] if not r[4:].upper().startswith("AUTH")]
+        if isinstance(server, GatewaySMTP) and server.offers_auth():
+            kept.append(f"250-AUTH {' '.join(MECHANISMS)}")
+        return [*kept, "250-ENHANCEDSTATUSCODES", responses[-1]]
 
     async def handle_MAIL(
         self,
@@ -126,14 +134,17 @@ class Handler:
         if refusal := self._refusal(address, "recipient", envelope):
             return refusal
         client_ip = _peer_ip(session)
-        if not self._policy.may_relay(client_ip):
+        user = auth_user(session)
+        if not self._policy.may_relay(client_ip, user=user):
             log.warning("relay denied", client=client_ip, recipient=address)
             return f"554 5.7.1 <{address}>: Relay access denied"
         if len(envelope.rcpt_tos) >= self._config.server.max_recipients:
             # RFC 5321 4.5.3.1.10: 452, and the client sends the rest in another transaction
             return "452 4.5.3 Too many recipients"
         if self._passthrough is not None:
-            route = self._router.route(RouteEnvelope(_sender(envelope), client_ip, None), address)
+            route = self._router.route(
+                RouteEnvelope(_sender(envelope), client_ip, None, user), address
+            )
             if self._passthrough.handles(route):
                 accepted, reply = await self._live_recipient(
                     self._passthrough, session, envelope, route, address
@@ -229,7 +240,8 @@ class Handler:
             )
             + content
         )
-        route_envelope = RouteEnvelope(sender, client_ip, controls.get("route"))
+        user = auth_user(session)
+        route_envelope = RouteEnvelope(sender, client_ip, controls.get("route"), user)
         live = self._live.pop(session, None)
         proxied = list(live.addresses) if live else []
         recipients = []
@@ -259,6 +271,7 @@ class Handler:
             smtputf8=envelope.smtp_utf8,
             received_at=now,
             send_at=send_at,
+            submitted_by=user,
         )
         try:
             queue_id = await self._spool.store(message)
@@ -279,6 +292,7 @@ class Handler:
             queue_id=queue_id,
             sender=sender,
             client=client_ip,
+            user=user,
             size=len(content),
             recipients=len(message.recipients),
             routes=sorted({r.route for r in message.recipients}),
@@ -353,6 +367,39 @@ def _protocol(session: Session) -> str:
     return "ESMTP" + ("S" if session.ssl else "") + ("A" if session.authenticated else "")
 
 
+def auth_user(session: Session) -> str | None:
+    """The user name the session logged in with (set by GatewaySMTP.smtp_AUTH)."""
+    if session.authenticated and isinstance(session.auth_data, str):
+        return session.auth_data
+    return None
+
+
+def tls_context(config: Config) -> ssl.SSLContext | None:
+    """The listener's certificate as a server context, or None without one. ConfigError
+    naming the key for a file that cannot be read or a certificate that does not fit."""
+    tls = config.server.tls
+    if tls.cert_file is None:
+        return None
+    for key, path in (("cert_file", tls.cert_file), ("key_file", tls.key_file)):
+        if path is None:
+            continue
+        try:
+            path.read_bytes()
+        except OSError as error:
+            raise ConfigError(f"server.tls.{key}: cannot read {path}: {error.strerror}") from None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    except ssl.SSLError as error:
+        files = f"{tls.cert_file}" + (f" and {tls.key_file}" if tls.key_file else "")
+        raise ConfigError(
+            f"server.tls: cannot use {files} as the listener's certificate and key"
+            f" (PEM; key_file may be left out when cert_file holds the key too):"
+            f" {error.reason or error}"
+        ) from None
+    return context
+
+
 def _free_space(config: Config) -> int | None:
     try:
         stats = os.statvfs(config.spool_path().parent)
@@ -402,8 +449,9 @@ class Connections:
 
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes on its own replies, a 421 on idle
-    timeout instead of a silent close, the idle timer running from the last byte, and a
-    count of open sessions."""
+    timeout instead of a silent close, the idle timer running from the last byte, a
+    count of open sessions, and our own AUTH (over TLS only, checked off the loop,
+    throttled per client address)."""
 
     def __init__(
         self,
@@ -411,12 +459,18 @@ class GatewaySMTP(SMTP):
         connections: Connections,
         max_errors: int,
         max_commands: int,
+        *,
+        counted: bool = True,
+        implicit_tls: bool = False,
+        authenticator: Authenticator | None = None,
         **options: Any,
     ) -> None:
         super().__init__(handler, **options)
-        self._connections = connections  # the factory counted this session in
+        # Counted by the factory, or (implicit TLS) once the handshake is done: a
+        # handshake that fails never reaches connection_made or connection_lost.
+        self._connections = connections
         self._in_greeting = False
-        self._counted = True
+        self._counted = counted
         self._client: str | None = None
         self._refused = False
         self._errors = 0
@@ -424,6 +478,9 @@ class GatewaySMTP(SMTP):
         self._max_commands = max_commands
         self._commands = 0  # since the session began or its last accepted message
         self._junk: dict[str, int] = {}
+        self._implicit_tls = implicit_tls
+        self._auth_checker = authenticator
+        self._auth_failures = 0
         # aiosmtpd has no hook before each command: count in front of every smtp_* method.
         self._smtp_methods = {
             name: self._limited(name, method) for name, method in self._smtp_methods.items()
@@ -468,21 +525,49 @@ class GatewaySMTP(SMTP):
         self._junk.clear()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._original_transport is not None:
+            super().connection_made(transport)  # again, after STARTTLS: counted already
+            return
         peer = transport.get_extra_info("peername")
         client = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
-        by_client = self._connections.by_client
-        if by_client.get(
-            client, 0
-        ) >= self._connections.per_client_limit and not self._connections.exempt(client):
-            log.warning("connection refused: too many from one client", client=client)
-            if isinstance(transport, asyncio.WriteTransport):
-                transport.write(b"421 4.7.0 Too many connections from your address\r\n")
-            transport.close()
-            self._refused = True
+        connections = self._connections
+        if not self._counted and connections.open >= connections.limit:
+            log.warning("connection refused: too many connections", limit=connections.limit)
+            self._refuse(transport, b"421 4.7.0 Too many connections, try again later\r\n")
             return
+        by_client = connections.by_client
+        if by_client.get(client, 0) >= connections.per_client_limit and not connections.exempt(
+            client
+        ):
+            log.warning("connection refused: too many from one client", client=client)
+            self._refuse(transport, b"421 4.7.0 Too many connections from your address\r\n")
+            return
+        if not self._counted:
+            self._counted = True
+            connections.open += 1
+            connections.idle.clear()
         self._client = client
         by_client[client] = by_client.get(client, 0) + 1
         super().connection_made(transport)
+        if self._implicit_tls and self.session is not None:
+            # As aiosmtpd records a STARTTLS session, so Received: says ESMTPS.
+            self.session.ssl = {
+                name: transport.get_extra_info(name)
+                for name in ("sslcontext", "peercert", "cipher", "compression", "ssl_object")
+            }
+
+    def _refuse(self, transport: asyncio.BaseTransport, reply: bytes) -> None:
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.write(reply)
+        transport.close()
+        self._refused = True
+
+    @property
+    def encrypted(self) -> bool:
+        return self._implicit_tls or self._tls_protocol is not None
+
+    def offers_auth(self) -> bool:
+        return self._auth_checker is not None and self.encrypted
 
     def hold_idle_timer(self, seconds: float) -> None:
         """Give the client this long before the idle timeout (smtpgate is the slow one)."""
@@ -510,6 +595,114 @@ class GatewaySMTP(SMTP):
         if self.session is not None and isinstance(self.event_handler, Handler):
             self.event_handler.session_ended(self.session)
         super().connection_lost(error)
+
+    @syntax("AUTH <mechanism> [initial-response]")
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        """RFC 4954 AUTH PLAIN and LOGIN, replacing aiosmtpd's (which checks passwords
+        on the event loop and cannot slow down or refuse a guessing client)."""
+        if await self.check_helo_needed("EHLO"):
+            return
+        session, envelope = self.session, self.envelope
+        if session is None or envelope is None:
+            return
+        authenticator = self._auth_checker
+        words = (arg or "").split()
+        if not session.extended_smtp:
+            await self.push("503 5.5.1 Send EHLO first, then AUTH")
+        elif authenticator is None:
+            await self.push("503 5.5.1 Authentication is not enabled")
+        elif not self.encrypted:
+            await self.push("538 5.7.11 Encryption required for requested authentication mechanism")
+        elif session.authenticated:
+            await self.push("503 5.5.1 Already authenticated")
+        elif envelope.mail_from:
+            await self.push("503 5.5.1 AUTH is not allowed during a mail transaction")
+        elif not 1 <= len(words) <= 2:
+            await self.push("501 5.5.4 Syntax: AUTH mechanism [initial-response]")
+        elif words[0].upper() not in MECHANISMS:
+            await self.push(
+                f"504 5.5.4 Unrecognized authentication type; use {' or '.join(MECHANISMS)}"
+            )
+        elif authenticator.blocked(client := self._client or "?"):
+            log.warning("authentication refused: too many failures", client=client)
+            await self._close("421 4.7.0 Too many failed logins from your address, try later")
+        else:
+            mechanism = words[0].upper()
+            credentials = await self._credentials(mechanism, words[1] if len(words) > 1 else None)
+            if credentials is None:  # cancelled by the client, or not base64: replied already
+                await self._failed_in_session(authenticator, None)
+                return
+            login, password = credentials
+            verdict = await authenticator.attempt(client, mechanism, login, password)
+            await self._auth_verdict(verdict, authenticator, login)
+
+    async def _auth_verdict(
+        self, verdict: Verdict, authenticator: Authenticator, login: bytes
+    ) -> None:
+        session = self.session
+        if session is None:
+            return
+        if verdict is Verdict.OK:
+            session.authenticated = True
+            session.auth_data = cast(Any, login.decode("utf-8"))  # aiosmtpd types it None
+            await self.push("235 2.7.0 Authentication successful")
+        elif verdict is Verdict.UNAVAILABLE:
+            await self.push("454 4.7.0 Temporary authentication failure, try again later")
+        elif verdict is Verdict.BLOCKED:
+            await self._close("421 4.7.0 Too many failed logins from your address, try later")
+        else:
+            await self._failed_in_session(
+                authenticator, "535 5.7.8 Authentication credentials invalid"
+            )
+
+    async def _failed_in_session(self, authenticator: Authenticator, reply: str | None) -> None:
+        """Count a failed AUTH in this session; past max_session_attempts, 421 and close
+        (else `reply`, unless the exchange has answered already)."""
+        self._auth_failures += 1
+        if self._auth_failures >= authenticator.settings.max_session_attempts:
+            log.warning("session closed: too many failed logins", client=self._client)
+            await self._close("421 4.7.0 Too many authentication attempts")
+        elif reply is not None:
+            await self.push(reply)
+
+    async def _credentials(self, mechanism: str, initial: str | None) -> tuple[bytes, bytes] | None:
+        """(login, password) from the initial response or the 334 challenges; None when
+        the client cancelled ("*") or sent bad base64 (already answered with 501)."""
+        if mechanism == "LOGIN":
+            login = await self._response(initial, "Username:")
+            if login is None:
+                return None
+            password = await self._response(None, "Password:")
+            return None if password is None else (login, password)
+        blob = await self._response(initial, "")
+        if blob is None:
+            return None
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Cannot split the PLAIN response")
+            return None
+        authorize, login, password = parts
+        if authorize and authorize != login:
+            # RFC 4616: acting for another user is not supported; no password matches.
+            return login, b""
+        return login, password
+
+    async def _response(self, initial: str | None, challenge: str) -> bytes | None:
+        if initial is None:
+            answer = await self.challenge_auth(challenge)  # answers '*' and bad base64
+            return answer if isinstance(answer, bytes) else None
+        if initial == "=":  # RFC 4954 4: an empty initial response
+            return b""
+        try:
+            return base64.b64decode(initial, validate=True)
+        except binascii.Error:
+            await self.push("501 5.5.2 Cannot decode base64")
+            return None
+
+    async def _close(self, reply: str) -> None:
+        await self.push(reply)
+        if self.transport is not None:
+            self.transport.close()
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self._source_route(arg):
@@ -586,23 +779,37 @@ class _Refuse(asyncio.Protocol):
 
 
 def protocol_factory(
-    config: Config, handler: Handler, connections: Connections
+    config: Config,
+    handler: Handler,
+    connections: Connections,
+    *,
+    tls: ssl.SSLContext | None = None,
+    implicit_tls: bool = False,
+    authenticator: Authenticator | None = None,
 ) -> Callable[[], asyncio.BaseProtocol]:
+    """Sessions for one kind of listener: plain (offering STARTTLS when there is a `tls`
+    context) or, with `implicit_tls`, one the event loop wraps in TLS (no STARTTLS)."""
     server = config.server
 
     def build() -> asyncio.BaseProtocol:
         # Counted here, not in connection_made: asyncio builds every protocol of a burst
-        # of accepts before it calls any connection_made.
-        if connections.open >= connections.limit:
-            log.warning("connection refused: too many connections", limit=connections.limit)
-            return _Refuse()
-        connections.open += 1
-        connections.idle.clear()
+        # of accepts before it calls any connection_made. Implicit TLS is counted once
+        # its handshake is done, since a failed one never reaches the protocol again.
+        if not implicit_tls:
+            if connections.open >= connections.limit:
+                log.warning("connection refused: too many connections", limit=connections.limit)
+                return _Refuse()
+            connections.open += 1
+            connections.idle.clear()
         return GatewaySMTP(
             handler,
             connections,
             server.max_errors,
             server.max_commands,
+            counted=not implicit_tls,
+            implicit_tls=implicit_tls,
+            authenticator=authenticator,
+            tls_context=None if implicit_tls else tls,
             data_size_limit=server.max_message_size,
             enable_SMTPUTF8=True,
             decode_data=False,

@@ -20,6 +20,7 @@ class Envelope:
     sender: str
     client_ip: str | None
     route_header: str | None  # the value of X-Smtpgate-Route, if the message had one
+    auth_user: str | None = None  # who logged in with AUTH, if anyone
 
 
 class Router:
@@ -48,6 +49,10 @@ def _matches(rule: RuleConfig, envelope: Envelope, recipient: str) -> bool:
         return False
     if rule.header is not None and (
         envelope.route_header is None or not _glob_any(envelope.route_header, rule.header)
+    ):
+        return False
+    if rule.auth_user is not None and (
+        envelope.auth_user is None or not _glob_any(envelope.auth_user, rule.auth_user)
     ):
         return False
     if rule.client is not None:

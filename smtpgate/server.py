@@ -13,10 +13,11 @@ import signal
 import socket
 
 from smtpgate import clock, logs
+from smtpgate.auth import Authenticator, auth_file, auth_warning
 from smtpgate.bounce import Bouncer
 from smtpgate.config import Config
 from smtpgate.delivery.retry import RetryPolicy
-from smtpgate.listener import Connections, Handler, protocol_factory
+from smtpgate.listener import Connections, Handler, protocol_factory, tls_context
 from smtpgate.pacing import RoutePace
 from smtpgate.passthrough import Passthrough
 from smtpgate.policy import RelayPolicy, refuse_open_relay
@@ -104,10 +105,15 @@ class Server:
     async def serve(self) -> None:
         config = self.config
         # 1. Refuse a config that would make an open relay, before touching anything;
-        #    find every relay's password (a missing one is a config error, now).
+        #    find every relay's password and the listener's certificate (a missing one
+        #    is a config error, now).
         refuse_open_relay(config)
         passwords = config.relay_passwords(os.environ)
         token = config.http.resolve_token(os.environ)
+        tls = tls_context(config)
+        users_file = auth_file(config)
+        if warning := auth_warning(config):
+            log.warning(warning)
         # 2. Take the spool (and its single-server lock), salvaging a damaged one into a
         #    fresh spool; release work a dead process leased.
         spool = SqliteSpool.open(
@@ -184,18 +190,40 @@ class Server:
             handler = Handler(
                 config, spool, router, policy, on_stored=stored, passthrough=passthrough
             )
-            factory = protocol_factory(config, handler, connections)
+            authenticator = (
+                Authenticator(users_file, config.server.auth) if users_file is not None else None
+            )
+            factories = {
+                implicit: protocol_factory(
+                    config,
+                    handler,
+                    connections,
+                    tls=tls,
+                    implicit_tls=implicit,
+                    authenticator=authenticator,
+                )
+                for implicit in (False, True)
+            }
             loop = asyncio.get_running_loop()
             for address in config.server.listen:
                 try:
                     listeners.append(
                         await loop.create_server(
-                            factory, host=address.host, port=address.port, reuse_address=True
+                            factories[address.tls],
+                            host=address.host,
+                            port=address.port,
+                            reuse_address=True,
+                            ssl=tls if address.tls else None,
                         )
                     )
                 except OSError as error:
                     raise StartupError(f"cannot listen on {address}: {error.strerror}") from None
-                log.info("listening", address=str(address))
+                log.info(
+                    "listening",
+                    address=str(address),
+                    tls="implicit" if address.tls else "starttls" if tls else "none",
+                    auth=str(users_file) if users_file is not None else None,
+                )
             scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
             log.info(
                 "ready",

@@ -478,20 +478,31 @@ class Certificates:
     ca_file: Path
     untrusted_context: ssl.SSLContext  # signed by a CA the gateway does not know
     misnamed_context: ssl.SSLContext  # the trusted CA, but for another host name
+    cert_file: Path  # the server certificate as PEM files, for smtpgate's own listener
+    key_file: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """What a mail client trusting this CA uses to reach 127.0.0.1."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
 
 @pytest.fixture(scope="session")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     ca = trustme.CA()
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1", "localhost").configure_cert(server)
-    ca_file = tmp_path_factory.mktemp("tls") / "ca.pem"
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    issued.configure_cert(server)
+    directory = tmp_path_factory.mktemp("tls")
+    ca_file = directory / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
+    cert_file, key_file = directory / "cert.pem", directory / "key.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert_file))
+    issued.private_key_pem.write_to_path(str(key_file))
     stranger = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     trustme.CA().issue_cert("127.0.0.1").configure_cert(stranger)
     misnamed = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("mail.example.net").configure_cert(misnamed)
-    return Certificates(server, ca_file, stranger, misnamed)
+    return Certificates(server, ca_file, stranger, misnamed, cert_file, key_file)
 
 
 # --- a DNS server on loopback ----------------------------------------------------------
@@ -701,24 +712,31 @@ GatewayFactory = Callable[..., Gateway]
 @pytest.fixture
 def gateway_factory(tmp_path: Path, dns_zone: DnsZone) -> Iterator[GatewayFactory]:
     """gateway_factory(config: str = "", start=True) -> Gateway. The [server] table with
-    listen and state_dir is written for the test; `config` adds any other TOML. The
+    listen and state_dir is written for the test (`listen` adds more listeners after the
+    one the test talks to); `config` adds any other TOML. The
     gateway resolves through the loopback DNS server (environment overrides), so direct
     delivery never looks anything up beyond this machine."""
     started: list[Gateway] = []
     count = 0
 
     def make(
-        config: str = "", *, start: bool = True, server: str = "", env: dict[str, str] | None = None
+        config: str = "",
+        *,
+        start: bool = True,
+        server: str = "",
+        env: dict[str, str] | None = None,
+        listen: tuple[str, ...] = (),
     ) -> Gateway:
         nonlocal count
         count += 1
         workdir = tmp_path / f"gateway{count}"
         workdir.mkdir()
         port = free_port()
+        listeners = json.dumps([f"127.0.0.1:{port}", *listen])
         text = (
             textwrap.dedent(f"""\
             [server]
-            listen = ["127.0.0.1:{port}"]
+            listen = {listeners}
             state_dir = "{workdir / "state"}"
             hostname = "gateway.test"
             """)

@@ -86,7 +86,7 @@ def test_config_check_without_a_file_prints_the_embedded_defaults(tmp_path: Path
     )
     assert result.returncode == 0, result.stderr
     effective = json.loads(result.stdout)
-    assert effective["server"]["listen"] == [{"host": "127.0.0.1", "port": 2525}]
+    assert effective["server"]["listen"] == [{"host": "127.0.0.1", "port": 2525, "tls": False}]
     assert effective["server"]["default_route"] == "direct"
     assert effective["server"]["state_dir"] == str(tmp_path / "state")
     assert effective["routes"]["direct"]["mode"] == "direct"

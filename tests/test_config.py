@@ -120,9 +120,32 @@ def test_listen_address_parse(text: str, host: str, port: int) -> None:
     assert (address.host, address.port) == (host, port)
 
 
-@pytest.mark.parametrize("text", ["[::1]:25", "0.0.0.0:587"])
+@pytest.mark.parametrize("text", ["[::1]:25", "0.0.0.0:587", "ssl://0.0.0.0:465", "ssl://[::]:465"])
 def test_listen_address_prints_as_written(text: str) -> None:
     assert str(ListenAddress.parse(text)) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "tls"),
+    [("ssl://0.0.0.0:465", True), ("SSL://[::1]:465", True), ("0.0.0.0:465", False)],
+)
+def test_listen_address_ssl_prefix_means_implicit_tls(text: str, tls: bool) -> None:
+    assert ListenAddress.parse(text).tls is tls
+
+
+@pytest.mark.parametrize("text", ["tls://0.0.0.0:465", "ssl://", "ssl://ssl://h:1", "ssl:/h:1"])
+def test_listen_address_other_schemes_are_bad(text: str) -> None:
+    with pytest.raises(ValueError, match="is not 'host:port'"):
+        ListenAddress.parse(text)
+
+
+def test_a_dns_server_is_not_reached_over_ssl(tmp_path: Path) -> None:
+    path = write(tmp_path, '[dns]\nnameservers = ["ssl://127.0.0.1:853"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load(path, environ={}, state_dir=str(tmp_path))
+    assert "dns.nameservers: 'ssl://127.0.0.1:853': DNS servers are not reached" in str(
+        caught.value
+    )
 
 
 @pytest.mark.parametrize("text", ["::1:25", "localhost", "host:", ":25", "[::1]", "host:port"])

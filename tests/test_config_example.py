@@ -10,11 +10,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from smtpgate.config import (
+    AuthConfig,
     Config,
     DeliveryConfig,
     DirectConfig,
     DnsConfig,
     HttpConfig,
+    ListenerTlsConfig,
     LogConfig,
     RelayConfig,
     RouteConfig,
@@ -27,6 +29,8 @@ from smtpgate.config import (
 EXAMPLE = Path(__file__).parent.parent / "config" / "smtpgate.toml"
 TABLES: dict[tuple[str, ...], type[BaseModel]] = {  # the tables that document each model
     ("server",): ServerConfig,
+    ("server.tls",): ListenerTlsConfig,
+    ("server.auth",): AuthConfig,
     ("spool",): SpoolConfig,
     ("log",): LogConfig,
     ("delivery",): DeliveryConfig,
@@ -94,6 +98,8 @@ def test_example_documents_every_key() -> None:
             assert table in sections, f"[{table}] is missing from {EXAMPLE.name}"
         body = "".join(sections[table] for table in tables)
         for key in model.model_fields:
+            if (f"{tables[0]}.{key}",) in TABLES:
+                continue  # a table of its own, such as [server.tls]
             assert re.search(rf"^#? ?{key} = ", body, re.MULTILINE), (
                 f"{' or '.join(tables)}.{key} is not documented in {EXAMPLE.name}"
             )

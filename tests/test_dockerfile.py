@@ -192,7 +192,7 @@ def test_config_check_accepts_the_image_environment(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     effective = json.loads(result.stdout)
-    assert effective["server"]["listen"] == [{"host": "0.0.0.0", "port": 2525}]
+    assert effective["server"]["listen"] == [{"host": "0.0.0.0", "port": 2525, "tls": False}]
 
 
 # --- the health check ---------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from smtpgate.auth import auth_file
 from smtpgate.config import Config, ConfigError
 from smtpgate.policy import RelayPolicy, refuse_open_relay
 
@@ -109,3 +111,58 @@ def test_trusting_the_internet_is_an_open_relay(trusted: str) -> None:
         with pytest.raises(ConfigError, match="open relay") as caught:
             refuse_open_relay(config(listen=listen, trusted_networks=["127.0.0.0/8", trusted]))
         assert trusted in str(caught.value)
+
+
+# --- AUTH opens a public listener -----------------------------------------------------
+
+
+def test_an_authenticated_user_may_relay_from_anywhere() -> None:
+    relay = policy("127.0.0.0/8")
+    assert not relay.may_relay("203.0.113.5")
+    assert relay.may_relay("203.0.113.5", user="alice")
+
+
+def _with_auth(tmp_path: Path, *, users: bool, certificate: bool) -> Config:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not checked here")
+    if users:
+        (tmp_path / "users").write_text("")
+    return Config.model_validate(
+        {
+            "server": {
+                "state_dir": str(tmp_path),
+                "listen": ["0.0.0.0:587"],
+                "tls": {"cert_file": str(cert)} if certificate else {},
+            }
+        }
+    )
+
+
+def test_exposed_listener_with_auth_over_tls_starts(tmp_path: Path) -> None:
+    refuse_open_relay(_with_auth(tmp_path, users=True, certificate=True))
+
+
+@pytest.mark.parametrize(
+    ("users", "certificate", "why"),
+    [
+        (False, True, "there is no users file"),
+        (True, False, "[server.tls] has no certificate, and AUTH is offered only over TLS"),
+    ],
+)
+def test_exposed_listener_with_half_an_auth_setup_is_refused(
+    tmp_path: Path, users: bool, certificate: bool, why: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        refuse_open_relay(_with_auth(tmp_path, users=users, certificate=certificate))
+    message = str(caught.value)
+    assert message.startswith("server.listen: 0.0.0.0:587 is reachable from other hosts")
+    assert why in message
+    assert "smtpgate user add NAME" in message
+
+
+def test_a_users_file_named_in_the_config_must_exist(tmp_path: Path) -> None:
+    config = Config.model_validate(
+        {"server": {"state_dir": str(tmp_path), "auth": {"users_file": str(tmp_path / "u")}}}
+    )
+    with pytest.raises(ConfigError, match=r"server\.auth\.users_file: .*/u does not exist"):
+        auth_file(config)

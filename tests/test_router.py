@@ -196,3 +196,18 @@ def test_falls_through_non_matching_rules_to_a_later_one() -> None:
 )
 def test_domain_of(address: str, domain: str) -> None:
     assert domain_of(address) == domain
+
+
+def test_auth_user_matches_only_clients_that_logged_in() -> None:
+    r = router(
+        {"route": "corp", "auth_user": ["alice", "*@example.com"]},
+        {"route": "bulk", "auth_user": "*"},
+    )
+
+    def as_user(user: str | None) -> str:
+        return r.route(Envelope("app@example.net", "203.0.113.5", None, user), "bob@example.org")
+
+    assert as_user("alice") == "corp"
+    assert as_user("Bob@Example.com") == "corp"
+    assert as_user("carol") == "bulk"  # "*": anyone who logged in
+    assert as_user(None) == "fallback"  # nobody logged in: no auth_user rule matches
