@@ -180,10 +180,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
-    from smtpgate.server import Server, StartupError
+    from smtpgate.server import Server, StartupError, new_event_loop
 
     try:
-        asyncio.run(Server(config).serve())
+        with asyncio.Runner(loop_factory=new_event_loop) as runner:
+            runner.run(Server(config).serve())
     except StartupError as error:
         print(f"smtpgate: {error}", file=sys.stderr)
         return EXIT_FAILURE

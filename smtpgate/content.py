@@ -30,7 +30,8 @@ def canonical(raw: bytes, *, bare_line_ends: BareLineEnds, max_hops: int) -> byt
     refused."""
     if b"\x00" in raw:
         raise ContentRefused("554 5.6.0 Message contains NUL characters")
-    if _BARE.search(raw):
+    crlf = raw.count(b"\r\n")  # counting is a C loop; the regex costs 5% of an accept
+    if raw.count(b"\r") != crlf or raw.count(b"\n") != crlf:
         if bare_line_ends == "refuse":
             # RFC 5321 2.3.8: CR and LF only ever come together.
             raise ContentRefused("554 5.6.0 Message contains a bare CR or LF")

@@ -37,6 +37,16 @@ SESSION_GRACE_SECONDS = 10.0  # how long open SMTP sessions may finish at shutdo
 DELIVERY_GRACE_SECONDS = 10.0  # how long deliveries under way may finish at shutdown
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it installs (not on Windows), else asyncio's: the
+    listener spends most of its time in the loop's socket and callback machinery."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class StartupError(Exception):
     """The server cannot start for a reason the operator must fix (port taken, ...)."""
 

@@ -106,8 +106,12 @@ def borrowed(transport: asyncio.Transport) -> Iterator[ReplyReader]:
 
 def dot_stuffed(content: bytes) -> bytes:
     """DATA payload: CRLF line ends, leading dots doubled (RFC 5321 4.5.2), final dot."""
-    content = re.sub(rb"\r\n|\r|\n", b"\r\n", content)
-    content = re.sub(rb"(?m)^\.", b"..", content)
+    crlf = content.count(b"\r\n")  # the listener stores CRLF only: skip the regex then
+    if content.count(b"\r") != crlf or content.count(b"\n") != crlf:
+        content = re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+    content = content.replace(b"\r\n.", b"\r\n..")  # every line starts after a CRLF ...
+    if content.startswith(b"."):  # ... but the first
+        content = b"." + content
     if not content.endswith(b"\r\n"):
         content += b"\r\n"
     return content + b".\r\n"

@@ -13,7 +13,7 @@ import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import aiosmtplib
 
@@ -368,8 +368,9 @@ class UpstreamSession:
         commands.append(b"DATA\r\n")
         if any(b"\r" in c[:-2] or b"\n" in c[:-2] for c in commands):
             raise SessionError(Outcome.failed("555 5.5.4 line break in an address", Scope.MESSAGE))
-        transport = self._client.transport
-        if not isinstance(transport, asyncio.Transport):
+        # Not narrowed with isinstance: uvloop's transports do not derive from asyncio's.
+        transport = cast(asyncio.Transport | None, self._client.transport)
+        if transport is None or transport.is_closing():
             raise self._lost(ConnectionDropped("not connected"), "MAIL FROM")
         timeout = self._endpoint.timeout
         with borrowed(transport) as reader:
