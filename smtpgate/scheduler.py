@@ -98,7 +98,9 @@ class Scheduler:
         for group, (transport, routes) in self._groups.items():
             in_flight = self._in_flight_of[group]
             free = MESSAGES_PER_CONNECTION * transport.concurrency - len(in_flight)
-            if free > 0 and not self._stopping:
+            # Leased in batches: while a message per connection is still in hand, wait
+            # until as many are free, so one lease query serves many deliveries.
+            if free >= transport.concurrency and not self._stopping:
                 await self._lease_group(group, routes, free, in_flight, now)
 
     async def _lease_group(

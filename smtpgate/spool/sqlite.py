@@ -45,6 +45,7 @@ from smtpgate.spool.base import (
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
 Queued = tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop, bool]
+Settled = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 SCHEMA_VERSION = 3
 MIGRATIONS = {  # from version N to N + 1
@@ -126,7 +127,8 @@ CREATE TABLE IF NOT EXISTS relay_status (
 );
 """
 ID_ATTEMPTS = 8
-LEASE_WINDOW = 5000  # due recipients looked at to find the oldest-due messages
+LEASE_WINDOW = 5000  # at most this many due recipients looked at to find the oldest-due
+LEASE_ROWS_MIN, LEASE_ROWS_PER_MESSAGE = 100, 20  # the window for a smaller lease
 MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
 
 
@@ -240,7 +242,7 @@ class SqliteSpool(Spool):
                     rows += db.execute(
                         "SELECT next_attempt, id, queue_id, route FROM recipients"
                         f" WHERE {due} ORDER BY next_attempt, id LIMIT ?",
-                        (job_id, route, now, LEASE_WINDOW),
+                        (job_id, route, now, _window(limit)),
                     ).fetchall()
                 picks: dict[tuple[str, str], None] = {}  # oldest due first, once each
                 for _, _, queue_id, route in sorted(rows):
@@ -605,6 +607,12 @@ def _jobs_of(db: sqlite3.Connection, recipient_ids: Sequence[int]) -> set[int]:
     return jobs
 
 
+def _window(limit: int) -> int:
+    """Due rows to look at for `limit` messages: enough for a few recipients each, and
+    no more, since the scheduler leases often and each row looked at costs a lookup."""
+    return min(LEASE_WINDOW, LEASE_ROWS_MIN + LEASE_ROWS_PER_MESSAGE * limit)
+
+
 def _marks(values: Sequence[object]) -> str:
     """Bound-parameter placeholders: values never enter the SQL text."""
     return ",".join("?" * len(values))
@@ -872,15 +880,20 @@ class _Writer:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             outcomes = [(future, loop, None, commit_error) for _, future, loop, _ in batch]
+        # One wake-up of each waiting loop per batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[Settled]] = {}
         for future, loop, result, error in outcomes:
+            by_loop.setdefault(loop, []).append((future, result, error))
+        for loop, settled in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed
-                loop.call_soon_threadsafe(_settle, future, result, error)
+                loop.call_soon_threadsafe(_settle, settled)
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the waiting SMTP session went away
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+def _settle(settled: list[Settled]) -> None:
+    for future, result, error in settled:
+        if future.done():  # the waiting SMTP session went away
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
