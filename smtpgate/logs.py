@@ -45,7 +45,12 @@ def configure(level: str = "info", fmt: Format = "auto") -> None:
     # aiosmtpd logs every connection at INFO; our own session events say more, once.
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, root.level))
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        # filter_by_level first: an event below the level costs no timestamp or rendering.
+        processors=[
+            structlog.stdlib.filter_by_level,
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
         logger_factory=structlog.stdlib.LoggerFactory(),
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
