@@ -96,8 +96,16 @@ async def load(
 
 
 class Process:
-    def __init__(self, argv: list[str], port: int, host: str = "127.0.0.1") -> None:
-        self.popen = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        host: str = "127.0.0.1",
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.popen = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+        )
         wait_port(port, host=host)
 
     def peak_rss_mb(self) -> float:

@@ -38,10 +38,13 @@ class Counter:
 
 
 async def serve(port: int, count_file: Path, host: str = "127.0.0.1") -> None:
+    """Listen on `host`, a loopback address or several separated by commas."""
     counter = Counter()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(counter, hostname="sink.bench", enable_SMTPUTF8=True), host, port
+        lambda: SMTP(counter, hostname="sink.bench", enable_SMTPUTF8=True),
+        host.split(","),
+        port,
     )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -64,7 +67,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--count-file", type=Path, required=True)
-    parser.add_argument("--host", default="127.0.0.1", help="a loopback address")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="loopback addresses, separated by commas"
+    )
     args = parser.parse_args()
     asyncio.run(serve(args.port, args.count_file, args.host))
 
