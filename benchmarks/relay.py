@@ -102,9 +102,10 @@ class Process:
         port: int,
         host: str = "127.0.0.1",
         env: dict[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.popen = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=cwd
         )
         wait_port(port, host=host)
 

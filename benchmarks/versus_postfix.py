@@ -130,6 +130,7 @@ format = "json"
             [sys.executable, "-m", "smtpgate", "serve", "--config", str(config)],
             self.port,
             env=env,
+            cwd=state,  # not the checkout: `-m` would import smtpgate from there first
         )
 
     def stop(self) -> float:
