@@ -31,10 +31,14 @@ SINK_ADDRESSES = ["127.0.1.1", "127.0.1.2", "127.0.1.3", "127.0.1.4"]
 DOMAINS = [f"d{n:03}.bench.test" for n in range(100)]
 
 
-def dns_server() -> DnsZone:
+def dns_server(mx_addresses: dict[str, str] | None = None) -> DnsZone:
+    """A loopback DNS server on a thread of its own, answering MX queries for each domain
+    with one host at its address (default: DOMAINS spread over SINK_ADDRESSES)."""
+    if mx_addresses is None:
+        mx_addresses = {d: SINK_ADDRESSES[n % len(SINK_ADDRESSES)] for n, d in enumerate(DOMAINS)}
     zone = DnsZone()
-    for n, domain in enumerate(DOMAINS):
-        zone.mx(domain, (10, f"mx.{domain}", SINK_ADDRESSES[n % len(SINK_ADDRESSES)]))
+    for domain, address in mx_addresses.items():
+        zone.mx(domain, (10, f"mx.{domain}", address))
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="dns", daemon=True).start()
 

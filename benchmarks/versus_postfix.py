@@ -41,11 +41,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import direct
 import latency
 from relay import Process, free_port, load, wait_port
 
@@ -249,20 +249,7 @@ def wait_for(done: Callable[[], bool], what: str) -> None:
 
 
 def dns_server() -> DnsZone:
-    zone = DnsZone()
-    for domain, address in zip(DOMAINS, DIRECT_SINKS, strict=True):
-        zone.mx(domain, (10, f"mx.{domain}", address))
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, name="dns", daemon=True).start()
-
-    async def start() -> None:
-        transport, _ = await loop.create_datagram_endpoint(
-            lambda: zone, local_addr=("127.0.0.1", 0)
-        )
-        zone.port = transport.get_extra_info("sockname")[1]
-
-    asyncio.run_coroutine_threadsafe(start(), loop).result(10)
-    return zone
+    return direct.dns_server(dict(zip(DOMAINS, DIRECT_SINKS, strict=True)))
 
 
 # --- one repetition ----------------------------------------------------------------------

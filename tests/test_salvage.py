@@ -22,6 +22,8 @@ from conftest import (
     with_default_route,
 )
 
+from smtpgate.spool.pages import varint
+
 PAGE = 4096  # SQLite's default page size, which the spool keeps
 # Message number -> how many recipients. Message 3 has one recipient, on the recipients
 # page that gets damaged; 2 and 4 are its neighbours there and lose some rows too.
@@ -41,19 +43,6 @@ def content(message: int) -> bytes:
 
 def pages_holding(data: bytes, needle: bytes) -> list[int]:
     return [n for n in range(len(data) // PAGE) if needle in data[n * PAGE : (n + 1) * PAGE]]
-
-
-def varint(data: bytes, at: int) -> tuple[int, int]:
-    """SQLite's big-endian varint at `at`: its value and where the next field starts."""
-    value = 0
-    for n in range(9):
-        byte = data[at + n]
-        if n == 8:
-            return (value << 8) | byte, at + 9
-        value = (value << 7) | (byte & 0x7F)
-        if byte < 0x80:
-            return value, at + n + 1
-    raise AssertionError("unreachable")
 
 
 def live_cells(data: bytes, page: int) -> list[bytes]:

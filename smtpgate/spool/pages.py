@@ -72,8 +72,8 @@ class Pages:
             return None
         (at,) = struct.unpack(">H", data[start + 8 + 2 * cell : start + 10 + 2 * cell])
         with contextlib.suppress(IndexError):
-            _, at = _varint(data, at)  # the payload's size
-            rowid, _ = _varint(data, at)
+            _, at = varint(data, at)  # the payload's size
+            rowid, _ = varint(data, at)
             return rowid - (1 << 64) if rowid >= 1 << 63 else rowid
         return None
 
@@ -105,7 +105,8 @@ def _head(path: Path) -> bytes:
         return file.read(100)
 
 
-def _varint(data: bytes, at: int) -> tuple[int, int]:
+def varint(data: bytes, at: int) -> tuple[int, int]:
+    """SQLite's big-endian varint at `at`: its value and where the next field starts."""
     value = 0
     for n in range(9):
         byte = data[at + n]
