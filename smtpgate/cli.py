@@ -26,6 +26,11 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # The common flags may stand before or after the command; unset ones are absent
+    # (a default on the top parser would overwrite what was given before the command).
+    for flag in ("config", "state_dir", "log_level", "log_format"):
+        if not hasattr(args, flag):
+            setattr(args, flag, None)
     try:
         config_path = find_config_file(args.config, os.environ)
         if getattr(args, "creates_config", False) and config_path and not config_path.exists():
@@ -78,7 +83,6 @@ def _parser() -> argparse.ArgumentParser:
         description="A local SMTP gateway: accepts mail on localhost and sends it on.",
     )
     parser.add_argument("--version", action="version", version=f"smtpgate {__version__}")
-    parser.set_defaults(config=None, state_dir=None, log_level=None, log_format=None)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
     serve = commands.add_parser("serve", parents=[common], help="run the gateway")

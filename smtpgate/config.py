@@ -523,6 +523,11 @@ class HttpConfig(_Section):
     def _token_where_reachable(self) -> HttpConfig:
         if self.token_env and self.token_file:
             raise ValueError("give the token one way, not token_env and token_file")
+        if any(a.tls for a in self.listen):
+            raise ValueError(
+                "listen: ssl:// is not served over TLS by the HTTP interface; listen on"
+                " loopback, or put a TLS proxy in front of it"
+            )
         exposed = [str(a) for a in self.listen if not a.is_loopback()]
         if exposed and not (self.token_env or self.token_file):
             raise ValueError(

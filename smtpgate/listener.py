@@ -25,7 +25,7 @@ from smtpgate.auth import MECHANISMS, Authenticator, Verdict
 from smtpgate.config import Config, ConfigError, valid_job_name
 from smtpgate.content import ContentRefused, canonical, helo_for_trace, received
 from smtpgate.headers import split_controls
-from smtpgate.jobs import SendAtError, job_of, parse_send_at
+from smtpgate.jobs import SendAtError, day_job, job_of, parse_send_at
 from smtpgate.passthrough import LiveTransaction, Passthrough
 from smtpgate.policy import RelayPolicy
 from smtpgate.router import Envelope as RouteEnvelope
@@ -249,8 +249,18 @@ class Handler:
             + content
         )
         user = auth_user(session)
-        route_envelope = RouteEnvelope(sender, client_ip, controls.get("route"), user)
+        route_header = controls.get("route")
+        if route_header is not None and not self._policy.may_relay(client_ip):
+            # A user logged in from outside is routed by the rules the operator wrote
+            # (auth_user), not by a header that could send around the smarthost.
+            log.info("X-Smtpgate-Route ignored: the client is not trusted", client=client_ip)
+            route_header = None
+        route_envelope = RouteEnvelope(sender, client_ip, route_header, user)
         live = self._live.pop(session, None)
+        if live is not None and self._passthrough is not None:
+            if await self._must_wait(live.route, job, send_at, now):
+                await self._passthrough.close(live)  # stored below like any other mail
+                live = None
         proxied = list(live.addresses) if live else []
         recipients = []
         for address in envelope.rcpt_tos:
@@ -347,6 +357,20 @@ class Handler:
         self._closing.add(task)  # shielded: it records the result even if the client leaves
         task.add_done_callback(self._closing.discard)
         return await asyncio.shield(task)
+
+    async def _must_wait(
+        self, route: str, job: str | None, send_at: float | None, now: float
+    ) -> bool:
+        """A passthrough transaction must not finish for a scheduled message or a job
+        that is paused or held: those wait in the spool like mail on any other route."""
+        if send_at is not None and send_at > now:
+            return True
+        name = job or self._config.routes[route].job or day_job(route, now)
+        try:
+            return name in await self._spool.job_controls()
+        except Exception:  # the spool decides at store; here it would only be a guess
+            log.exception("cannot read job controls", job=name)
+            return True
 
     def _send_at(self, header: str | None, client_ip: str | None, now: float) -> float | None:
         """The header's time; a garbled one raises SendAtError unless the config says to

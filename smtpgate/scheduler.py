@@ -204,6 +204,9 @@ class Scheduler:
         transport = self._transports[delivery.route]
         async with self._slots[delivery.route]:
             control = self._controls.get(delivery.job)
+            pace = self._paces.get(delivery.route)
+            if control is None and pace is not None and not pace.windows.is_open(clock.now()):
+                control = JobControl.PAUSED  # leased before its window closed: it waits
             if control is not None:  # paused, held or cancelled since it was leased
                 await self._record(delivery, _stopped(delivery, control), clock.now())
                 return

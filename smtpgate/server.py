@@ -34,7 +34,10 @@ from smtpgate.windows import SendingWindows
 log = logs.get(__name__)
 
 SESSION_GRACE_SECONDS = 10.0  # how long open SMTP sessions may finish at shutdown
-DELIVERY_GRACE_SECONDS = 10.0  # how long deliveries under way may finish at shutdown
+DELIVERY_GRACE_SECONDS = 10.0
+TLS_HANDSHAKE_SECONDS = (
+    10.0  # for ssl:// listeners  # how long deliveries under way may finish at shutdown
+)
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -224,6 +227,9 @@ class Server:
                             port=address.port,
                             reuse_address=True,
                             ssl=tls if address.tls else None,
+                            # A client that never finishes its TLS handshake must not hold
+                            # a socket for asyncio's default minute.
+                            ssl_handshake_timeout=TLS_HANDSHAKE_SECONDS if address.tls else None,
                         )
                     )
                 except OSError as error:

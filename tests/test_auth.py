@@ -346,6 +346,26 @@ def test_the_auth_user_can_pick_the_route(
     }
 
 
+def test_a_user_from_outside_cannot_route_around_the_rules_with_a_header(
+    gateway_factory: GatewayFactory, upstreams: Upstreams, certificates: Certificates
+) -> None:
+    upstream = upstreams.start()
+    gateway = road_gateway(
+        gateway_factory,
+        certificates,
+        config=relay_config(upstream.port) + '[[rules]]\nauth_user = "*"\nroute = "upstream"\n',
+    )
+    header = b"X-Smtpgate-Route: direct\r\n"
+    with secured(gateway, certificates) as client:
+        client.login("alice", PASSWORD)
+        client.sendmail("alice@example.org", ["bob@example.com"], header + MESSAGE)
+    # The operator's rule for logged-in users holds; the header is removed all the same.
+    wait_until(lambda: upstream.messages, what="alice's mail to take the rule's route")
+    assert gateway.recipients()["bob@example.com"]["route"] == "upstream"
+    assert b"X-Smtpgate-Route" not in upstream.messages[0].content
+    assert events(gateway, "X-Smtpgate-Route ignored: the client is not trusted")
+
+
 class RecordingSpool(SqliteSpool):
     """The real spool, keeping what the listener handed it."""
 

@@ -251,3 +251,15 @@ def test_a_spool_damaged_beyond_salvage_is_refused_with_how_to_recover(
     assert "Traceback" not in result.stderr
     assert spool.read_bytes() == bytes(data)  # left where it was, untouched
     assert not (gateway.state_dir / "quarantine").exists()
+
+
+def test_common_flags_work_before_the_command_too(tmp_path: Path) -> None:
+    for args in (
+        ["--state-dir", str(tmp_path), "config", "check", "--json"],
+        ["config", "check", "--json", "--state-dir", str(tmp_path)],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "smtpgate", *args], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["server"]["state_dir"] == str(tmp_path)

@@ -148,6 +148,13 @@ def test_a_dns_server_is_not_reached_over_ssl(tmp_path: Path) -> None:
     )
 
 
+def test_the_http_interface_is_not_offered_on_ssl_listeners(tmp_path: Path) -> None:
+    """It would be served in the clear, bearer token and all."""
+    path = write(tmp_path, '[http]\nlisten = ["ssl://127.0.0.1:8443"]\n')
+    with pytest.raises(ConfigError, match="http: listen: ssl:// is not served over TLS"):
+        load(path, environ={}, state_dir=str(tmp_path))
+
+
 @pytest.mark.parametrize("text", ["::1:25", "localhost", "host:", ":25", "[::1]", "host:port"])
 def test_listen_address_bad(text: str) -> None:
     with pytest.raises(ValueError, match="is not 'host:port'"):

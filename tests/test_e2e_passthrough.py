@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 import re
 import smtplib
+import time
 
 from conftest import (
     Certificates,
@@ -169,3 +172,34 @@ def test_mixed_transaction_is_queued_for_the_other_route(
     wait_until(lambda: queued.messages, what="the queued route to deliver")
     assert [m.rcpt_tos for m in live.messages] == [["bob@example.com"]]
     assert [m.rcpt_tos for m in queued.messages] == [["eve@example.net"]]
+
+
+def test_a_scheduled_message_or_a_paused_job_waits_instead_of_passing_through(
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+) -> None:
+    upstream = upstreams.start()
+    gateway = live_gateway(gateway_factory, upstream.port)
+    tomorrow = email.utils.format_datetime(
+        dt.datetime.now(dt.UTC) + dt.timedelta(days=1), usegmt=True
+    )
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        client.sendmail(
+            "a@example.org",
+            ["bob@example.com"],
+            f"X-Smtpgate-Send-At: {tomorrow}\r\nX-Smtpgate-Job: live-work\r\n".encode() + MESSAGE,
+        )
+    # The RCPT went through to the upstream, but the message waits in the spool.
+    time.sleep(2.5)
+    assert upstream.messages == []
+    assert gateway.recipients()["bob@example.com"]["state"] == "queued"
+
+    gateway.cli("job", "pause", "live-work")
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        client.sendmail(
+            "a@example.org", ["carol@example.com"], b"X-Smtpgate-Job: live-work\r\n" + MESSAGE
+        )
+    assert upstream.messages == []
+    gateway.cli("job", "resume", "live-work")
+    gateway.wait_for_state("carol@example.com", "delivered")
+    assert [m.rcpt_tos for m in upstream.messages] == [["carol@example.com"]]

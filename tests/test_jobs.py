@@ -280,3 +280,22 @@ def test_send_at_reads_rfc_3339_and_rfc_5322(text: str, expected: float) -> None
 def test_send_at_refuses_garbage_and_times_without_a_zone(text: str) -> None:
     with pytest.raises(SendAtError):
         parse_send_at(text, T0)
+
+
+def test_the_server_completes_a_spool_missing_an_index(path: Path) -> None:
+    """A spool built by another version (or salvaged) gets every index the queries name."""
+    run(path, lambda spool: spool.store(message("a@x.test")))
+    db = sqlite3.connect(path)
+    db.execute("DROP INDEX recipients_of_message")
+    db.commit()
+    db.close()
+
+    async def server_start() -> None:
+        spool = SqliteSpool.open(path, exclusive=True)
+        try:
+            [delivery] = await spool.lease_due(["news"], T0, 10)  # INDEXED BY needs it
+            assert [r.address for r in delivery.recipients] == ["a@x.test"]
+        finally:
+            await spool.close()
+
+    asyncio.run(server_start())

@@ -154,7 +154,7 @@ class SqliteSpool(Spool):
         lock_file = _take_lock(path) if exclusive else None
         try:
             report = _checked(path, quarantine) if exclusive else None
-            writer = _Writer(path)
+            writer = _Writer(path, server=exclusive)
             writer.start_and_wait()
         except BaseException:
             if lock_file is not None:
@@ -351,7 +351,9 @@ class SqliteSpool(Spool):
                 " WHERE state = 'sending'",
                 (now, now),
             ).rowcount
-            _settle_jobs(db, jobs, now)
+            # Every open job, not only those with leases: one whose last recipients were
+            # settled by a process that died first (or by a salvage) is finished too.
+            _settle_jobs(db, jobs + _open_jobs(db), now)
             return released
 
         return await self._writer.submit(release)
@@ -594,6 +596,10 @@ class SqliteSpool(Spool):
         return await self._writer.submit(read, reads_only=True)
 
 
+def _open_jobs(db: sqlite3.Connection) -> list[int]:
+    return [job_id for (job_id,) in db.execute("SELECT id FROM jobs WHERE finished_at IS NULL")]
+
+
 def _jobs_of(db: sqlite3.Connection, recipient_ids: Sequence[int]) -> set[int]:
     jobs: set[int] = set()
     for start in range(0, len(recipient_ids), 500):
@@ -777,8 +783,9 @@ def _take_lock(path: Path) -> int:
 class _Writer:
     """The one thread that owns the connection and runs queued operations in batches."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, server: bool = False) -> None:
         self._path = path
+        self._server = server  # the server may complete the schema; a CLI reader writes nothing
         self._queue: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
         self._ready = threading.Event()
@@ -827,6 +834,8 @@ class _Writer:
             db.executescript(
                 f"BEGIN; {steps} {SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;"
             )
+        elif self._server:  # the server: every table and index the queries name is there,
+            db.executescript(f"BEGIN; {SCHEMA} COMMIT;")  # whatever built this file
         return db
 
     def _run(self) -> None:
