@@ -165,6 +165,20 @@ def test_retries_give_up_counting_from_when_the_job_could_first_send(path: Path)
     run(path, use)
 
 
+def test_time_spent_paused_does_not_count_toward_giving_up(path: Path) -> None:
+    async def use(spool: SqliteSpool) -> None:
+        await spool.store(message("a@x.test", "b@x.test", job="j"))
+        [first] = await spool.lease_due(["news"], T0, 1)  # the job starts at T0
+        a = first.recipients[0]
+        await spool.record([RecipientUpdate(a.id, RecipientState.DEFERRED, "451", T0)], T0)
+        await spool.control_job("j", JobAction.PAUSE, T0 + 100)
+        await spool.control_job("j", JobAction.RESUME, T0 + 100 + 3 * 86400)  # 3 days off
+        [again] = await spool.lease_due(["news"], T0 + 3 * 86400 + 200, 10)
+        assert again.lifetime_from == T0 + 3 * 86400
+
+    run(path, use)
+
+
 def test_pause_resume_hold_and_release(path: Path) -> None:
     async def use(spool: SqliteSpool) -> None:
         await spool.store(message("p@x.test", job="paused"))

@@ -54,7 +54,8 @@ MIGRATIONS = {  # from version N to N + 1
     CREATE TABLE jobs (
         id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, route TEXT NOT NULL,
         control TEXT NOT NULL DEFAULT 'active', created_at REAL NOT NULL, started_at REAL,
-        finished_at REAL, served_at REAL, send_at REAL, submitted_by TEXT
+        finished_at REAL, served_at REAL, send_at REAL, submitted_by TEXT, paused_at REAL,
+        paused_for REAL NOT NULL DEFAULT 0
     );
     ALTER TABLE messages ADD COLUMN send_at REAL;
     ALTER TABLE messages ADD COLUMN submitted_by TEXT;
@@ -92,7 +93,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at  REAL,  -- set when nothing is left to send; cleared when mail joins again
     served_at    REAL,  -- last lease: the least recently served job goes first
     send_at      REAL,
-    submitted_by TEXT
+    submitted_by TEXT,
+    paused_at    REAL,  -- while paused: since when
+    paused_for   REAL NOT NULL DEFAULT 0  -- time spent paused, not counted in retry lifetimes
 );
 CREATE TABLE IF NOT EXISTS recipients (
     id           INTEGER PRIMARY KEY,
@@ -275,10 +278,12 @@ class SqliteSpool(Spool):
                 "UPDATE jobs SET served_at = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
                 [(now, now, job_id) for job_id in served],
             )
-            started = {
+            started = {  # when the job began sending, moved on by the time it was paused
                 name: at
                 for name, at in db.execute(
-                    f"SELECT name, started_at FROM jobs WHERE id IN ({_marks(served)})", served
+                    "SELECT name, started_at + paused_for FROM jobs"
+                    f" WHERE id IN ({_marks(served)})",
+                    served,
                 )
             }
             messages = _fetch_messages(db, {queue_id for queue_id, _ in grouped})
@@ -503,6 +508,14 @@ class SqliteSpool(Spool):
             if current not in allowed:
                 raise JobError(f"job {name!r} is {current}; it cannot {action.value}")
             db.execute("UPDATE jobs SET control = ? WHERE id = ?", (new, job_id))
+            if action is JobAction.PAUSE:
+                db.execute("UPDATE jobs SET paused_at = ? WHERE id = ?", (now, job_id))
+            elif action is JobAction.RESUME:  # the pause does not eat the retry lifetime
+                db.execute(
+                    "UPDATE jobs SET paused_for = paused_for + max(0, ? - coalesce(paused_at, ?)),"
+                    " paused_at = NULL WHERE id = ?",
+                    (now, now, job_id),
+                )
             changed = 0
             if action is JobAction.CANCEL:
                 changed = db.execute(
