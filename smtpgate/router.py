@@ -30,8 +30,8 @@ class Router:
         self._routes = frozenset(config.routes)
 
     def route(self, envelope: Envelope, recipient: str) -> str:
-        """An X-Smtpgate-Route header naming a route picks it (only trusted clients can
-        send at all); else the first matching rule; else the default route."""
+        """An X-Smtpgate-Route header naming a route picks it (the listener passes it on
+        from trusted clients only); else the first matching rule; else the default route."""
         if envelope.route_header in self._routes:
             return envelope.route_header
         for rule in self._rules:
