@@ -139,9 +139,16 @@ class SqliteSpool(Spool):
     """See `Spool`. Open with `SqliteSpool.open(path, exclusive=True)` in the server."""
 
     def __init__(
-        self, writer: _Writer, lock_file: int | None, salvaged: salvage.SalvageReport | None
+        self,
+        writer: _Writer,
+        lock_file: int | None,
+        salvaged: salvage.SalvageReport | None,
+        reader: _Writer | None = None,
     ) -> None:
         self._writer = writer
+        # Reads for people (the jobs page, metrics, job controls) on a connection of their
+        # own: counting a million recipients never holds up the commit a 250 waits for.
+        self._reader = reader or writer
         self._lock_file = lock_file
         self.salvaged = salvaged  # what a salvage at this start quarantined, for the log
 
@@ -159,13 +166,23 @@ class SqliteSpool(Spool):
             report = _checked(path, quarantine) if exclusive else None
             writer = _Writer(path, server=exclusive)
             writer.start_and_wait()
+            reader = None
+            if exclusive:
+                reader = _Writer(path, name="spool-reader")
+                try:
+                    reader.start_and_wait()
+                except BaseException:
+                    writer.stop()
+                    raise
         except BaseException:
             if lock_file is not None:
                 os.close(lock_file)
             raise
-        return cls(writer, lock_file, report)
+        return cls(writer, lock_file, report, reader)
 
     async def close(self) -> None:
+        if self._reader is not self._writer:
+            await asyncio.to_thread(self._reader.stop)
         await asyncio.to_thread(self._writer.stop)
         if self._lock_file is not None:
             os.close(self._lock_file)
@@ -446,7 +463,7 @@ class SqliteSpool(Spool):
                 )
             }
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
     # --- reads ----------------------------------------------------------------------
 
@@ -454,14 +471,14 @@ class SqliteSpool(Spool):
         def read(db: sqlite3.Connection) -> list[JobView]:
             return _job_views(db, "SELECT {} FROM jobs ORDER BY created_at DESC, id DESC", ())
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
     async def job(self, name: str) -> JobView | None:
         def read(db: sqlite3.Connection) -> JobView | None:
             views = _job_views(db, "SELECT {} FROM jobs WHERE name = ?", (name,))
             return views[0] if views else None
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
     async def job_failures(self, name: str, limit: int) -> list[tuple[str, int]]:
         def read(db: sqlite3.Connection) -> list[tuple[str, int]]:
@@ -475,7 +492,7 @@ class SqliteSpool(Spool):
                 )
             ]
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
     async def job_recipients(
         self, name: str, state: RecipientState | None, after_id: int, limit: int
@@ -496,7 +513,7 @@ class SqliteSpool(Spool):
                 for rid, qid, address, route, st, *rest in rows
             ]
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
     async def control_job(self, name: str, action: JobAction, now: float) -> int:
         def control(db: sqlite3.Connection) -> int:
@@ -574,7 +591,7 @@ class SqliteSpool(Spool):
                 )
             }
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
     async def messages(self, limit: int | None = None) -> list[MessageView]:
         def read(db: sqlite3.Connection) -> list[MessageView]:
@@ -585,7 +602,7 @@ class SqliteSpool(Spool):
             ).fetchall()
             return _with_recipients(db, rows)
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
     async def message(self, queue_id: str) -> MessageView | None:
         def read(db: sqlite3.Connection) -> MessageView | None:
@@ -597,7 +614,7 @@ class SqliteSpool(Spool):
             views = _with_recipients(db, rows)
             return views[0] if views else None
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
     async def content(self, queue_id: str) -> bytes | None:
         def read(db: sqlite3.Connection) -> bytes | None:
@@ -606,7 +623,7 @@ class SqliteSpool(Spool):
             ).fetchone()
             return None if row is None else bytes(row[0])
 
-        return await self._writer.submit(read, reads_only=True)
+        return await self._reader.submit(read, reads_only=True)
 
 
 def _open_jobs(db: sqlite3.Connection) -> list[int]:
@@ -796,11 +813,11 @@ def _take_lock(path: Path) -> int:
 class _Writer:
     """The one thread that owns the connection and runs queued operations in batches."""
 
-    def __init__(self, path: Path, *, server: bool = False) -> None:
+    def __init__(self, path: Path, *, server: bool = False, name: str = "spool-writer") -> None:
         self._path = path
         self._server = server  # the server may complete the schema; a CLI reader writes nothing
         self._queue: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="spool-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._ready = threading.Event()
         self._open_error: BaseException | None = None
 
