@@ -177,6 +177,16 @@ class Server:
                     try:
                         await web_server.listen(address)
                     except OSError as error:
+                        if "listen" not in config.http.model_fields_set:
+                            # The default port (also Mailpit's) is taken: mail matters
+                            # more than the page, so run without it and say so.
+                            log.warning(
+                                "HTTP monitoring not started: the default address is taken;"
+                                " set [http] listen to another, or to [] to say so",
+                                address=str(address),
+                                error=error.strerror,
+                            )
+                            continue
                         raise StartupError(
                             f"cannot serve HTTP on {address}: {error.strerror}; change"
                             " [http] listen (or SMTPGATE_HTTP__LISTEN), or turn it off"

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -291,6 +292,26 @@ def test_a_taken_http_port_is_a_clear_error(
     assert f"cannot serve HTTP on 127.0.0.1:{first.http_port}" in result.stderr
     assert "listen = []" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_taken_default_http_port_does_not_stop_the_mail(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """Only an address the config names is a reason not to start; the default one (also
+    Mailpit's and MailHog's) being taken is logged, and SMTP runs all the same."""
+    with socket.socket() as squatter:
+        try:
+            squatter.bind(("127.0.0.1", 8025))
+        except OSError:
+            pytest.skip("127.0.0.1:8025 is in use on this machine already")
+        squatter.listen()
+        gateway = gateway_factory(start=False)
+        del gateway.env["SMTPGATE_HTTP__LISTEN"]
+        gateway.start()
+        with smtplib.SMTP("127.0.0.1", gateway.port, timeout=30) as client:
+            assert client.noop()[0] == 250
+        warnings = [e for e in gateway.events() if "HTTP monitoring not started" in e["event"]]
+        assert warnings and warnings[0]["address"] == "127.0.0.1:8025"
 
 
 def test_metrics_count_recipients_and_results_and_the_probes_answer(
