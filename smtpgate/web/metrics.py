@@ -35,7 +35,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._accepted = Counter(
             "smtpgate_messages_accepted",
-            "Messages accepted (answered 250) since the server started.",
+            "Messages stored in the spool at DATA since the server started (a passthrough"
+            " message the upstream refused is stored too, with its recipients cancelled).",
             registry=self.registry,
         )
         self._results = Counter(
