@@ -41,7 +41,14 @@ class Bouncer:
         """Store a DSN for these (recipient, last reply) pairs; returns its queue id."""
         now = clock.now()
         content = dsn(delivery, failures, self._hostname, now)
-        envelope = Envelope(sender="", client_ip=None, route_header=None)
+        # Routed as if the original client sent it: the rules that chose the way out for
+        # its mail (client networks, auth_user) choose it for the notice about it too.
+        envelope = Envelope(
+            sender="",
+            client_ip=delivery.client_address or None,
+            route_header=None,
+            auth_user=delivery.submitted_by,
+        )
         route = self._router.route(envelope, delivery.sender)
         queue_id = await self._spool.store(
             NewMessage(

@@ -327,3 +327,29 @@ def test_a_campaign_on_a_relay_does_not_hold_back_other_mail_through_it(
     # It went out within a few turns, not after the twenty campaign messages.
     assert arrived(upstream).index("you@reset.test") < 8
     wait_until(lambda: len(upstream.messages) == 21, 30, "the rest of the campaign")
+
+
+def test_a_bounce_takes_the_way_the_rules_chose_for_its_sender(
+    gateway_factory: GatewayFactory, upstreams: Upstreams, clock: Clock
+) -> None:
+    """The office's mail goes out through the office relay by a client rule; the notice
+    about a failure there goes the same way, not by the default route."""
+    default = upstreams.start()
+    office = upstreams.start(rcpt_replies={"gone@example.com": "550 5.1.1 no such user"})
+    config = (
+        f'[relays.up]\nhost = "127.0.0.1"\nport = {default.port}\ntls = "none"\n\n'
+        f'[relays.office]\nhost = "127.0.0.1"\nport = {office.port}\ntls = "none"\n\n'
+        '[routes.news]\nmode = "track"\nvia = "up"\n\n'
+        '[routes.office]\nmode = "relay"\nrelay = "office"\nbounce = true\n\n'
+        '[[rules]]\nclient = ["127.0.0.2/32"]\nroute = "office"\n'
+    )
+    gateway = gateway_factory(
+        config,
+        server='default_route = "news"\n',
+        env={"SMTPGATE_TEST_CLOCK": str(clock.path)},
+    )
+    with smtplib.SMTP("127.0.0.1", gateway.port, source_address=("127.0.0.2", 0)) as client:
+        client.sendmail("clerk@office.example", ["gone@example.com"], b"Subject: s\r\n\r\nb\r\n")
+    wait_until(lambda: arrived(office) == ["bounce:clerk@office.example"], 15, "the bounce")
+    time.sleep(TURNS)
+    assert default.messages == []

@@ -124,6 +124,8 @@ class Delivery:
     job: str = ""
     send_at: float | None = None
     job_started_at: float | None = None  # the job's first lease
+    client_address: str = ""  # who handed the message over: a bounce is routed as if
+    submitted_by: str | None = None  # they had sent it (client and AUTH user rules hold)
 
     @property
     def lifetime_from(self) -> float:

@@ -306,7 +306,7 @@ class SqliteSpool(Spool):
             messages = _fetch_messages(db, {queue_id for queue_id, _ in grouped})
             deliveries = []
             for (queue_id, route), recipients in grouped.items():
-                sender, content, smtputf8, received_at, send_at = messages[queue_id]
+                sender, content, smtputf8, received_at, send_at, client, user = messages[queue_id]
                 deliveries.append(
                     Delivery(
                         queue_id,
@@ -319,6 +319,8 @@ class SqliteSpool(Spool):
                         job=jobs_of[(queue_id, route)],
                         send_at=send_at,
                         job_started_at=started[jobs_of[(queue_id, route)]],
+                        client_address=client,
+                        submitted_by=user,
                     )
                 )
             return deliveries
@@ -654,19 +656,28 @@ def _marks(values: Sequence[object]) -> str:
     return ",".join("?" * len(values))
 
 
-def _fetch_messages(
-    db: sqlite3.Connection, queue_ids: set[str]
-) -> dict[str, tuple[str, bytes, bool, float, float | None]]:
-    found: dict[str, tuple[str, bytes, bool, float, float | None]] = {}
+_Stored = tuple[str, bytes, bool, float, float | None, str, str | None]
+
+
+def _fetch_messages(db: sqlite3.Connection, queue_ids: set[str]) -> dict[str, _Stored]:
+    found: dict[str, _Stored] = {}
     ids = sorted(queue_ids)
     for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
         chunk = ids[start : start + 500]
-        for queue_id, sender, content, smtputf8, received_at, send_at in db.execute(
-            "SELECT queue_id, sender, content, smtputf8, received_at, send_at FROM messages"
-            f" WHERE queue_id IN ({_marks(chunk)})",
+        for queue_id, sender, content, smtputf8, received_at, send_at, client, user in db.execute(
+            "SELECT queue_id, sender, content, smtputf8, received_at, send_at, client_address,"
+            f" submitted_by FROM messages WHERE queue_id IN ({_marks(chunk)})",
             chunk,
         ):
-            found[queue_id] = (sender, bytes(content), bool(smtputf8), received_at, send_at)
+            found[queue_id] = (
+                sender,
+                bytes(content),
+                bool(smtputf8),
+                received_at,
+                send_at,
+                client,
+                user,
+            )
     return found
 
 
