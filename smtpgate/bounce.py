@@ -15,12 +15,10 @@ from collections.abc import Sequence
 from email.message import EmailMessage, Message
 from email.policy import SMTP
 
-from smtpgate import clock, logs
+from smtpgate import clock
 from smtpgate.config import Config
 from smtpgate.router import Envelope, Router
-from smtpgate.spool.base import Delivery, NewMessage, NewRecipient, Spool
-
-log = logs.get(__name__)
+from smtpgate.spool.base import Delivery, NewMessage, NewRecipient
 
 # The enhanced code that follows a reply code ("450 4.2.1 ..."), not digits in an address.
 _ENHANCED = re.compile(r"(?:^|\s)[245]\d\d[ -]([245]\.\d{1,3}\.\d{1,3})\b")
@@ -28,19 +26,19 @@ _HEADERS_QUOTED = 64 * 1024  # of the original message, in the DSN's third part
 
 
 class Bouncer:
-    def __init__(self, config: Config, spool: Spool, router: Router) -> None:
+    def __init__(self, config: Config, router: Router) -> None:
         self._config = config
-        self._spool = spool
         self._router = router
         self._hostname = config.server.hostname
 
     def wants(self, delivery: Delivery) -> bool:
         return bool(delivery.sender) and self._config.routes[delivery.route].bounce
 
-    async def bounce(self, delivery: Delivery, failures: Sequence[tuple[str, str]]) -> str:
-        """Store a DSN for these (recipient, last reply) pairs; returns its queue id."""
+    def notice(self, delivery: Delivery, failures: Sequence[tuple[str, str]]) -> NewMessage:
+        """The DSN for these (recipient, last reply) pairs, routed; the scheduler stores it
+        with the failures it reports, in one transaction, so neither is kept without the
+        other."""
         now = clock.now()
-        content = dsn(delivery, failures, self._hostname, now)
         # Routed as if the original client sent it: the rules that chose the way out for
         # its mail (client networks, auth_user) choose it for the notice about it too.
         envelope = Envelope(
@@ -49,29 +47,19 @@ class Bouncer:
             route_header=None,
             auth_user=delivery.submitted_by,
         )
-        route = self._router.route(envelope, delivery.sender)
-        queue_id = await self._spool.store(
-            NewMessage(
-                sender="",
-                # The route's job of the day, never the campaign's: a DSN is not part of
-                # it, and a cancelled or paused campaign must not hold its notices.
-                recipients=[NewRecipient(delivery.sender, route)],
-                content=content,
-                client_address="",
-                helo=self._hostname,
-                smtputf8=delivery.smtputf8,  # it quotes the original's header section
-                received_at=now,
-            )
+        return NewMessage(
+            sender="",
+            # The route's job of the day, never the campaign's: a DSN is not part of it,
+            # and a cancelled or paused campaign must not hold its notices.
+            recipients=[
+                NewRecipient(delivery.sender, self._router.route(envelope, delivery.sender))
+            ],
+            content=dsn(delivery, failures, self._hostname, now),
+            client_address="",
+            helo=self._hostname,
+            smtputf8=delivery.smtputf8,  # it quotes the original's header section
+            received_at=now,
         )
-        log.info(
-            "bounce queued",
-            queue_id=queue_id,
-            original=delivery.queue_id,
-            job=delivery.job,
-            to=delivery.sender,
-            failed=len(failures),
-        )
-        return queue_id
 
 
 def dsn(

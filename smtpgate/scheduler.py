@@ -18,7 +18,14 @@ from smtpgate.bounce import Bouncer
 from smtpgate.delivery.outcome import Outcome, Scope, Verdict
 from smtpgate.delivery.retry import RetryPolicy
 from smtpgate.pacing import RoutePace
-from smtpgate.spool.base import Delivery, JobControl, RecipientState, RecipientUpdate, Spool
+from smtpgate.spool.base import (
+    Delivery,
+    JobControl,
+    NewMessage,
+    RecipientState,
+    RecipientUpdate,
+    Spool,
+)
 from smtpgate.transports.base import Transport
 
 log = logs.get(__name__)
@@ -232,7 +239,6 @@ class Scheduler:
             )
             for r in delivery.recipients
         ]
-        recorded = await self._record(delivery, updates, now)
         failures = []
         for recipient, update in zip(delivery.recipients, updates, strict=True):
             if update.state is not RecipientState.FAILED:
@@ -247,29 +253,38 @@ class Scheduler:
                     recipient=recipient.address,
                     reply=update.reply,
                 )
-        if recorded and failures and self._bouncer and self._bouncer.wants(delivery):
-            await self._bounce(self._bouncer, delivery, failures)
-
-    async def _bounce(
-        self, bouncer: Bouncer, delivery: Delivery, failures: list[tuple[str, str]]
-    ) -> None:
-        """Queue the DSN. Written after the failures are recorded: a crash in between
-        loses the notice, never the decision (the failure stays visible in `job show`)."""
-        try:
-            await bouncer.bounce(delivery, failures)
-        except Exception:
-            log.exception("cannot queue the bounce", queue_id=delivery.queue_id)
-            return
-        self._wake.set()
+        notices = []
+        if failures and self._bouncer is not None and self._bouncer.wants(delivery):
+            try:
+                notices.append(self._bouncer.notice(delivery, failures))
+            except Exception:  # a notice that cannot be written must not hold the results
+                log.exception("cannot write the bounce", queue_id=delivery.queue_id)
+        stored = await self._record(delivery, updates, now, notices)
+        for queue_id in stored:
+            log.info(
+                "bounce queued",
+                queue_id=queue_id,
+                original=delivery.queue_id,
+                job=delivery.job,
+                to=delivery.sender,
+                failed=len(failures),
+            )
+        if stored:
+            self._wake.set()
 
     async def _record(
-        self, delivery: Delivery, updates: Sequence[RecipientUpdate], now: float
-    ) -> bool:
-        """Write the results, retrying while the spool refuses: a delivered recipient
-        left `sending` would be sent again at the next start."""
+        self,
+        delivery: Delivery,
+        updates: Sequence[RecipientUpdate],
+        now: float,
+        notices: Sequence[NewMessage] = (),
+    ) -> list[str]:
+        """Write the results (and the bounces about them, in the same transaction),
+        retrying while the spool refuses: a delivered recipient left `sending` would be
+        sent again at the next start. Returns the bounces' queue ids."""
         for errors in range(len(SPOOL_RETRY_SECONDS) * 20):
             try:
-                await self._spool.record(updates, now)
+                stored = await self._spool.record(updates, now, notices)
             except Exception:
                 wait = SPOOL_RETRY_SECONDS[min(errors, len(SPOOL_RETRY_SECONDS) - 1)]
                 log.exception(
@@ -281,13 +296,13 @@ class Scheduler:
             else:
                 if self._on_recorded is not None:
                     self._on_recorded(updates)
-                return True
+                return stored
         log.error(
             "giving up recording delivery results; the recipients stay leased and"
             " are sent again after a restart",
             queue_id=delivery.queue_id,
         )
-        return False
+        return []
 
 
 def _stopped(delivery: Delivery, control: JobControl) -> list[RecipientUpdate]:

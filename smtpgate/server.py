@@ -167,7 +167,7 @@ class Server:
                 retry,
                 waiting,
                 paces,
-                Bouncer(config, spool, router),
+                Bouncer(config, router),
                 on_recorded=metrics.count_results,
             )
             # 4. Monitoring over HTTP, before SMTP: once SMTP answers, so does the API.

@@ -313,3 +313,40 @@ def test_the_server_completes_a_spool_missing_an_index(path: Path) -> None:
             await spool.close()
 
     asyncio.run(server_start())
+
+
+def test_a_failure_and_its_bounce_are_recorded_together(path: Path) -> None:
+    async def use(spool: SqliteSpool) -> None:
+        await spool.store(message("gone@x.test", job="j"))
+        [delivery] = await spool.lease_due(["news"], T0, 10)
+        gone = delivery.recipients[0]
+        failed = [RecipientUpdate(gone.id, RecipientState.FAILED, "550 5.1.1 unknown")]
+        notice = NewMessage(
+            sender="",
+            recipients=[NewRecipient("app@example.net", "news")],
+            content=b"Subject: Undelivered Mail\r\n\r\n",
+            client_address="",
+            helo="gateway.test",
+            received_at=T0 + 1,
+        )
+        [dsn_id] = await spool.record(failed, T0 + 1, [notice])
+        stored = await spool.message(dsn_id)
+        assert stored is not None and stored.sender == ""
+        assert [r.address for r in stored.recipients] == ["app@example.net"]
+
+    run(path, use)
+
+
+def test_a_notice_that_cannot_be_stored_does_not_hold_back_the_results(path: Path) -> None:
+    async def use(spool: SqliteSpool) -> None:
+        await spool.store(message("gone@x.test", job="j"))
+        await spool.store(message("other@x.test", job="closed"))
+        await spool.control_job("closed", JobAction.CANCEL, T0)
+        [delivery] = await spool.lease_due(["news"], T0, 10)
+        failed = [RecipientUpdate(delivery.recipients[0].id, RecipientState.FAILED, "550 no")]
+        refused = message("app@example.net", job="closed")  # a cancelled job takes none
+        assert await spool.record(failed, T0 + 1, [refused]) == []
+        job = await spool.job("j")
+        assert job is not None and job.counts == {RecipientState.FAILED: 1}
+
+    run(path, use)

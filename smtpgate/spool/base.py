@@ -235,8 +235,11 @@ class Spool(abc.ABC):
         routes to `sending`, grouped per message and route."""
 
     @abc.abstractmethod
-    async def record(self, updates: Sequence[RecipientUpdate], now: float) -> None:
-        """Write attempt results of leased recipients."""
+    async def record(
+        self, updates: Sequence[RecipientUpdate], now: float, notices: Sequence[NewMessage] = ()
+    ) -> list[str]:
+        """Write attempt results of leased recipients, and store `notices` (DSNs about
+        them) in the same transaction; returns the notices' queue ids."""
 
     @abc.abstractmethod
     async def release_leases(self, now: float) -> int:

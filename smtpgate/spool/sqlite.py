@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from smtpgate import crashpoints
+from smtpgate import crashpoints, logs
 from smtpgate.jobs import day_job
 from smtpgate.spool import salvage
 from smtpgate.spool.base import (
@@ -43,6 +43,7 @@ from smtpgate.spool.base import (
 )
 
 T = TypeVar("T")
+log = logs.get(__name__)
 Operation = Callable[[sqlite3.Connection], Any]
 Queued = tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop, bool]
 Settled = tuple[asyncio.Future[Any], Any, BaseException | None]
@@ -191,50 +192,7 @@ class SqliteSpool(Spool):
     # --- writes ---------------------------------------------------------------------
 
     async def store(self, message: NewMessage) -> str:
-        def insert(db: sqlite3.Connection) -> str:
-            for step in range(ID_ATTEMPTS):
-                # Each retry moves the clock part on by 1 µs, so even a stuck random
-                # source cannot collide forever.
-                queue_id = new_queue_id(message.received_at + step / 1_000_000)
-                try:
-                    db.execute(
-                        "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (
-                            queue_id,
-                            message.sender,
-                            len(message.content),
-                            message.received_at,
-                            message.client_address,
-                            message.helo,
-                            message.smtputf8,
-                            message.content,
-                            message.send_at,
-                            message.submitted_by,
-                        ),
-                    )
-                except sqlite3.IntegrityError:
-                    continue
-                break
-            else:
-                raise RuntimeError(f"no free queue id after {ID_ATTEMPTS} attempts")
-            due = max(message.received_at, message.send_at or 0.0)
-            jobs: dict[str, tuple[int, str]] = {}
-            rows = []
-            for r in message.recipients:
-                name = r.job or day_job(r.route, message.received_at)
-                if name not in jobs:
-                    jobs[name] = _join_job(db, name, r, message)
-                job_id, control = jobs[name]
-                state = "sending" if r.leased else "held" if control == "held" else "queued"
-                rows.append((queue_id, r.address, r.route, state, due, message.received_at, job_id))
-            db.executemany(
-                "INSERT INTO recipients (queue_id, address, route, state, next_attempt,"
-                " updated_at, job_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            return queue_id
-
-        queue_id = await self._writer.submit(insert)
+        queue_id: str = await self._writer.submit(lambda db: _insert(db, message))
         crashpoints.reached("after_commit")
         return queue_id
 
@@ -327,8 +285,10 @@ class SqliteSpool(Spool):
 
         return await self._writer.submit(lease)
 
-    async def record(self, updates: Sequence[RecipientUpdate], now: float) -> None:
-        def write(db: sqlite3.Connection) -> None:
+    async def record(
+        self, updates: Sequence[RecipientUpdate], now: float, notices: Sequence[NewMessage] = ()
+    ) -> list[str]:
+        def write(db: sqlite3.Connection) -> list[str]:
             # A job cancelled while these were on the wire: what went out stays
             # delivered or failed, what would be tried again is cancelled instead.
             db.executemany(
@@ -353,8 +313,19 @@ class SqliteSpool(Spool):
             )
             ids = [u.recipient_id for u in updates]
             _settle_jobs(db, _jobs_of(db, ids), now)
+            stored = []
+            for notice in notices:  # in this transaction: a recorded failure keeps its DSN
+                db.execute("SAVEPOINT notice")
+                try:
+                    stored.append(_insert(db, notice))
+                except Exception:  # the results must be written even if a notice cannot
+                    db.execute("ROLLBACK TO notice")
+                    log.exception("cannot store a delivery status notice")
+                db.execute("RELEASE notice")
+            return stored
 
-        await self._writer.submit(write)
+        stored: list[str] = await self._writer.submit(write)
+        return stored
 
     async def release_leases(self, now: float) -> int:
         def release(db: sqlite3.Connection) -> int:
@@ -654,6 +625,51 @@ def _window(limit: int) -> int:
 def _marks(values: Sequence[object]) -> str:
     """Bound-parameter placeholders: values never enter the SQL text."""
     return ",".join("?" * len(values))
+
+
+def _insert(db: sqlite3.Connection, message: NewMessage) -> str:
+    """The message and its recipients, under a fresh queue id; returns the id."""
+    for step in range(ID_ATTEMPTS):
+        # Each retry moves the clock part on by 1 µs, so even a stuck random
+        # source cannot collide forever.
+        queue_id = new_queue_id(message.received_at + step / 1_000_000)
+        try:
+            db.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    queue_id,
+                    message.sender,
+                    len(message.content),
+                    message.received_at,
+                    message.client_address,
+                    message.helo,
+                    message.smtputf8,
+                    message.content,
+                    message.send_at,
+                    message.submitted_by,
+                ),
+            )
+        except sqlite3.IntegrityError:
+            continue
+        break
+    else:
+        raise RuntimeError(f"no free queue id after {ID_ATTEMPTS} attempts")
+    due = max(message.received_at, message.send_at or 0.0)
+    jobs: dict[str, tuple[int, str]] = {}
+    rows = []
+    for r in message.recipients:
+        name = r.job or day_job(r.route, message.received_at)
+        if name not in jobs:
+            jobs[name] = _join_job(db, name, r, message)
+        job_id, control = jobs[name]
+        state = "sending" if r.leased else "held" if control == "held" else "queued"
+        rows.append((queue_id, r.address, r.route, state, due, message.received_at, job_id))
+    db.executemany(
+        "INSERT INTO recipients (queue_id, address, route, state, next_attempt,"
+        " updated_at, job_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        rows,
+    )
+    return queue_id
 
 
 _Stored = tuple[str, bytes, bool, float, float | None, str, str | None]
