@@ -30,7 +30,13 @@ from smtpgate.passthrough import LiveTransaction, Passthrough
 from smtpgate.policy import RelayPolicy
 from smtpgate.router import Envelope as RouteEnvelope
 from smtpgate.router import Router
-from smtpgate.spool.base import JobCancelledError, NewMessage, NewRecipient, Spool
+from smtpgate.spool.base import (
+    JobCancelledError,
+    JobControl,
+    NewMessage,
+    NewRecipient,
+    Spool,
+)
 
 log = logs.get(__name__)
 
@@ -365,12 +371,15 @@ class Handler:
         that is paused or held: those wait in the spool like mail on any other route."""
         if send_at is not None and send_at > now:
             return True
-        name = job or self._config.routes[route].job or day_job(route, now)
+        name = job_of(job, self._config.routes[route]) or day_job(route, now)
         try:
-            return name in await self._spool.job_controls()
+            control = (await self._spool.job_controls()).get(name)
         except Exception:  # the spool decides at store; here it would only be a guess
             log.exception("cannot read job controls", job=name)
             return True
+        # A cancelled job is not waited for: a named one is refused at store, and the
+        # route's job of the day gives way to a fresh one that passes through as usual.
+        return control in (JobControl.PAUSED, JobControl.HELD)
 
     def _send_at(self, header: str | None, client_ip: str | None, now: float) -> float | None:
         """The header's time; a garbled one raises SendAtError unless the config says to

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import email.utils
+import json
 import re
 import smtplib
 import time
@@ -203,3 +204,21 @@ def test_a_scheduled_message_or_a_paused_job_waits_instead_of_passing_through(
     gateway.cli("job", "resume", "live-work")
     gateway.wait_for_state("carol@example.com", "delivered")
     assert [m.rcpt_tos for m in upstream.messages] == [["carol@example.com"]]
+
+
+def test_after_the_job_of_the_day_is_cancelled_mail_still_passes_through(
+    gateway_factory: GatewayFactory,
+    upstreams: Upstreams,
+) -> None:
+    upstream = upstreams.start()
+    gateway = live_gateway(gateway_factory, upstream.port)
+    assert send_live(gateway.port)[0] == 250
+    [today] = json.loads(gateway.cli("jobs", "--json").stdout)
+    gateway.cli("job", "cancel", today["name"])
+
+    code, reply = send_live(gateway.port)
+    # The upstream's own verdict, at once: the next mail joins a fresh job of the day.
+    assert (code, b"stored by upstream" in reply) == (250, True)
+    assert len(upstream.messages) == 2
+    names = [job["name"] for job in json.loads(gateway.cli("jobs", "--json").stdout)]
+    assert f"{today['name']}-2" in names
