@@ -20,7 +20,7 @@ of the per-repetition ratios smtpgate/Postfix for:
     another domain) to counting sinks on 127.0.2.1-100. smtpgate resolves the MX
     hosts through a loopback DNS server; Postfix, which asks only the system's
     resolver, gets a transport map to the same addresses instead (no DNS);
-  - smtpgate's peak RSS (VmHWM) in each case.
+  - smtpgate's peak RSS (VmHWM; server and delivery process summed) in each case.
 
 `--baseline DIR` adds a third contender, another smtpgate source tree (for example
 `git archive` of an older commit), so the effect of a change is measured in the same

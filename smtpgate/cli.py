@@ -184,7 +184,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(config: Config, args: argparse.Namespace) -> int:
-    from smtpgate.server import Server, StartupError, new_event_loop
+    from smtpgate.eventloop import new_event_loop
+    from smtpgate.server import Server, StartupError
 
     try:
         with asyncio.Runner(loop_factory=new_event_loop) as runner:

@@ -14,9 +14,13 @@ import structlog
 
 Format = Literal["auto", "console", "json"]
 
+_settings: tuple[str, Format] = ("info", "auto")
+
 
 def configure(level: str = "info", fmt: Format = "auto") -> None:
     """Route structlog and the stdlib loggers (aiosmtpd, asyncio) to stderr in one format."""
+    global _settings
+    _settings = (level, fmt)
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
@@ -55,6 +59,11 @@ def configure(level: str = "info", fmt: Format = "auto") -> None:
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=True,
     )
+
+
+def settings() -> tuple[str, Format]:
+    """The level and format in force, for a child process to log alike."""
+    return _settings
 
 
 def get(name: str) -> structlog.stdlib.BoundLogger:

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 
 from smtpgate import clock, logs
 from smtpgate.auth import Authenticator, auth_file, auth_warning
@@ -23,11 +22,11 @@ from smtpgate.passthrough import Passthrough
 from smtpgate.policy import RelayPolicy, refuse_open_relay
 from smtpgate.router import Router
 from smtpgate.scheduler import POLL_SECONDS, Scheduler
-from smtpgate.spool import Spool, SqliteSpool
+from smtpgate.spool import SqliteSpool
 from smtpgate.spool.salvage import SalvageReport
 from smtpgate.transports import RelayTransport, Transport
-from smtpgate.transports.direct import DirectTransport
-from smtpgate.transports.mx import MxResolver
+from smtpgate.transports.build import build_transports, relay_of
+from smtpgate.transports.remote import DeliveryProcess
 from smtpgate.web import Metrics, Monitor, WebServer, build_app
 from smtpgate.windows import SendingWindows
 
@@ -38,16 +37,6 @@ DELIVERY_GRACE_SECONDS = 10.0
 TLS_HANDSHAKE_SECONDS = (
     10.0  # for ssl:// listeners  # how long deliveries under way may finish at shutdown
 )
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    """uvloop's event loop where it installs (not on Windows), else asyncio's: the
-    listener spends most of its time in the loop's socket and callback machinery."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 class StartupError(Exception):
@@ -82,38 +71,16 @@ class Server:
         self._stop = asyncio.Event()
         self._signals = 0
 
-    def build_transports(
-        self, spool: Spool, passwords: dict[str, str | None]
-    ) -> tuple[dict[str, Transport], dict[str, str]]:
-        """Transports by route name, and the routes that cannot send yet with the reason.
-        Routes naming the same relay share its transport, so its limits hold for both."""
-        transports: dict[str, Transport] = {}
-        waiting: dict[str, str] = {}
-        relays: dict[str, RelayTransport] = {}
-        direct: DirectTransport | None = None
-        for name, route in self.config.routes.items():
-            # A track route sends onward through its `via`: a relay's transport, shared
-            # with the relay routes naming it, or the direct one.
-            relay = route.relay if route.mode == "relay" else route.via
-            if relay and relay in self.config.relays:
-                if relay not in relays:
-                    relays[relay] = RelayTransport(
-                        relay,
-                        self.config.relays[relay],
-                        helo_name=self.config.server.hostname,
-                        password=passwords[relay],
-                        ledger=spool,
-                    )
-                transports[name] = relays[relay]
-            else:
-                if direct is None:
-                    direct = DirectTransport(
-                        self.config.direct,
-                        MxResolver(self.config.dns),
-                        helo_name=self.config.direct.helo_name or socket.getfqdn(),
-                    )
-                transports[name] = direct
-        return transports, waiting
+    def separate_routes(self) -> list[str]:
+        """The routes whose transports run in the delivery process: all of them when it
+        is on, except those of a relay that a passthrough route uses, whose connection
+        and rate limits must be shared with the listener's live sessions."""
+        config = self.config
+        wanted = config.server.delivery_process
+        if wanted == "inline" or (wanted == "auto" and (os.cpu_count() or 1) < 2):
+            return []
+        live_relays = {relay_of(config, n) for n, r in config.routes.items() if r.passthrough}
+        return [name for name in config.routes if relay_of(config, name) not in live_relays]
 
     async def serve(self) -> None:
         config = self.config
@@ -142,8 +109,25 @@ class Server:
             released = await spool.release_leases(clock.now())
             if released:
                 log.warning("released recipients left in flight by a previous run", count=released)
-            # 3. The delivery side, built but not started until the listeners are bound.
-            transports, waiting = self.build_transports(spool, passwords)
+            # 3. The delivery side, built but not started until the listeners are bound;
+            #    its transports in a process of their own where it can have a core.
+            separate = self.separate_routes()
+            inline = [name for name in config.routes if name not in separate]
+            transports = build_transports(config, inline, passwords, spool)
+            if separate:
+                delivery_process = DeliveryProcess(config, separate, passwords, spool)
+                try:
+                    transports |= await delivery_process.start()
+                except (Exception, asyncio.CancelledError) as error:
+                    await delivery_process.close()
+                    if isinstance(error, asyncio.CancelledError):
+                        raise
+                    raise StartupError(
+                        f"cannot start the delivery process ({error!r}; its own error, if"
+                        ' any, is above); [server] delivery_process = "inline" runs'
+                        " deliveries in this process instead"
+                    ) from None
+            waiting: dict[str, str] = {}
             for route in await spool.pending_routes() - set(config.routes):
                 waiting[route] = (
                     f"waiting: route {route!r} is no longer in the config;"
