@@ -11,6 +11,7 @@ import math
 import os
 import re
 import socket
+import ssl
 import tomllib
 import types
 import typing
@@ -336,8 +337,15 @@ class RelayConfig(_Section):
                 "username with tls = 'none' would send the password in the clear;"
                 " use tls = 'starttls' or 'ssl', or set allow_plaintext_auth = true"
             )
-        if self.ca_file is not None and not self.ca_file.is_file():
-            raise ValueError(f"ca_file {self.ca_file} is not a readable file")
+        if self.ca_file is not None:
+            if not self.ca_file.is_file():
+                raise ValueError(f"ca_file {self.ca_file} is not a readable file")
+            try:  # now, not at the first delivery (or in the delivery process)
+                ssl.create_default_context(cafile=str(self.ca_file))
+            except (ssl.SSLError, OSError) as error:
+                raise ValueError(
+                    f"ca_file {self.ca_file} holds no usable PEM certificates: {error}"
+                ) from None
         return self
 
     @property

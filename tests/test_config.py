@@ -326,6 +326,14 @@ def test_relay_only_with_mode_relay(tmp_path: Path) -> None:
         )
 
 
+def test_a_ca_file_without_certificates_is_refused_at_load(tmp_path: Path) -> None:
+    """Not at the first delivery, in a process whose traceback nobody reads."""
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("this is not a certificate\n")
+    with pytest.raises(ConfigError, match=r"relays\.corp: .*ca\.pem holds no usable PEM"):
+        load_text(tmp_path, f"[relays.corp]\nhost = 'a'\ntls = 'ssl'\nca_file = '{not_pem}'\n")
+
+
 def test_route_naming_an_undefined_relay(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_text(

@@ -76,7 +76,7 @@ class DeliveryProcess:
     ) -> None:
         self._setup = Setup(config, tuple(routes), dict(passwords), *logs.settings())
         self._ledger = ledger
-        self._channel: Channel | None = None
+        self._channel: Channel | None = None  # the child's that is set up, if any
         self._child: asyncio.subprocess.Process | None = None
         self._up = asyncio.Event()  # a child is running and set up
         self._closing = False
@@ -97,7 +97,7 @@ class DeliveryProcess:
     async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
         await self._up.wait()  # a child that died is being replaced
         if self._channel is None:
-            raise ChannelClosedError("the delivery process was never started")
+            raise ChannelClosedError("the delivery process went away")
         outcomes: dict[int, Outcome] = await self._channel.call(Deliver(delivery))
         return outcomes
 
@@ -135,26 +135,28 @@ class DeliveryProcess:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         channel = Channel(reader, writer)
-        self._channel = channel
         self._keep(self._watch(channel, self._child))
         try:
             async with asyncio.timeout(START_SECONDS):
                 infos: list[TransportInfo] = await channel.call(self._setup)
         except (Exception, asyncio.CancelledError):
             await channel.close()
-            self._child.kill()
+            with contextlib.suppress(ProcessLookupError):
+                self._child.kill()
             raise
         log.info("delivery process started", pid=self._child.pid, transports=len(infos))
         self._started_at = time.monotonic()
+        self._channel = channel
         self._up.set()
         return infos
 
     async def _watch(self, channel: Channel, child: asyncio.subprocess.Process) -> None:
         """Serve the child's ledger calls while it runs; start another if it dies."""
         await channel.serve(self._ledger_call)
+        if self._closing or channel is not self._channel:
+            return  # stopping, or a child that never got set up (its starter says why)
         self._up.clear()
-        if self._closing:
-            return
+        self._channel = None
         with contextlib.suppress(ProcessLookupError):
             child.kill()  # it closed the channel but may still be alive: make sure
         code = await child.wait()
