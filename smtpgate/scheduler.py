@@ -1,7 +1,8 @@
 """Scheduler: takes due recipients from the spool and hands them to their route's transport.
 
 Between the spool and the transports. It leases work (state `sending`), keeps about two
-messages in hand per connection a transport may hold, and writes every recipient's
+messages in hand per connection a transport may hold (a transport does not wait for the
+results of its last message to be written before it takes the next), and writes every recipient's
 result back through the route's RetryPolicy. Work leased by a process that died is
 released at the next start (`Spool.release_leases`). A spool error never stops it: it
 logs, waits, and tries again, and a result it could not write is kept until it can.
@@ -32,6 +33,9 @@ log = logs.get(__name__)
 
 POLL_SECONDS = 1.0  # also how soon `smtpgate queue retry` from another process takes effect
 MESSAGES_PER_CONNECTION = 2  # leased ahead per connection: the next one is ready at once
+# Deliveries per connection in hand at all, counting those whose results are being
+# written: the transport does not wait for the spool's commit before its next message.
+DELIVERIES_PER_CONNECTION = 4
 SPOOL_RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits after a spool error; the last repeats
 
 
@@ -65,7 +69,11 @@ class Scheduler:
         self._groups: dict[int, tuple[Transport, list[str]]] = {}
         for name, transport in sorted(transports.items()):
             self._groups.setdefault(id(transport), (transport, []))[1].append(name)
+        # Per transport group: deliveries not yet through their transport, and all of
+        # them until their results are written.
+        self._sending_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
         self._in_flight_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
+        self._group_of = {name: id(t) for name, t in transports.items()}
         self._turns = dict.fromkeys(self._groups, 0)  # which route of a transport goes first
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -103,19 +111,20 @@ class Scheduler:
             await self._spool.note_waiting(route, reason)
         self._controls = await self._spool.job_controls()
         for group, (transport, routes) in self._groups.items():
-            in_flight = self._in_flight_of[group]
-            free = MESSAGES_PER_CONNECTION * transport.concurrency - len(in_flight)
+            free = min(
+                MESSAGES_PER_CONNECTION * transport.concurrency - len(self._sending_of[group]),
+                DELIVERIES_PER_CONNECTION * transport.concurrency - len(self._in_flight_of[group]),
+            )
             # Leased in batches: while a message per connection is still in hand, wait
             # until as many are free, so one lease query serves many deliveries.
             if free >= transport.concurrency and not self._stopping:
-                await self._lease_group(group, routes, free, in_flight, now)
+                await self._lease_group(group, routes, free, now)
 
     async def _lease_group(
         self,
         group: int,
         routes: list[str],
         free: int,
-        in_flight: set[asyncio.Task[None]],
         now: float,
     ) -> None:
         """Share a transport's free slots between its routes: each track route (within
@@ -145,24 +154,23 @@ class Scheduler:
         wanting = []
         for names, allowance in contenders:
             cap = min(share, free) if allowance is None else min(share, free, allowance)
-            leased = await self._lease(names, cap, in_flight, now) if cap > 0 else 0
+            leased = await self._lease(group, names, cap, now) if cap > 0 else 0
             free -= leased
             if leased == cap and (allowance is None or allowance > leased):
                 wanting.append((names, None if allowance is None else allowance - leased))
         for names, allowance in wanting:  # what the others left
             cap = free if allowance is None else min(free, allowance)
             if cap > 0:
-                free -= await self._lease(names, cap, in_flight, now)
+                free -= await self._lease(group, names, cap, now)
 
-    async def _lease(
-        self, routes: list[str], limit: int, in_flight: set[asyncio.Task[None]], now: float
-    ) -> int:
+    async def _lease(self, group: int, routes: list[str], limit: int, now: float) -> int:
         leased = await self._spool.lease_due(routes, now, limit)
-        if len(routes) == 1 and (pace := self._paces.get(routes[0])) is not None:
+        pace = self._paces.get(routes[0]) if len(routes) == 1 else None
+        if pace is not None and pace.rate is not None and leased:
             pace.took(len(leased), now)
-            for _ in leased:  # so that the rate holds across a restart
-                await self._spool.log_send(pace.ledger_key(routes[0]), now)
-        return self._start(leased, in_flight)
+            # So that the rate holds across a restart, which needs only the last send.
+            await self._spool.log_send(pace.ledger_key(routes[0]), now)
+        return self._start(group, leased)
 
     async def _restore_paces(self) -> None:
         now = clock.now()
@@ -177,17 +185,26 @@ class Scheduler:
             if sent:
                 pace.sent_at(sent[-1])
 
-    def _start(self, deliveries: Sequence[Delivery], in_flight: set[asyncio.Task[None]]) -> int:
+    def _start(self, group: int, deliveries: Sequence[Delivery]) -> int:
         for delivery in deliveries:
             task = asyncio.create_task(self._deliver(delivery))
             self._in_flight.add(task)
-            in_flight.add(task)
+            self._in_flight_of[group].add(task)
+            self._sending_of[group].add(task)
             task.add_done_callback(self._finished)
         return len(deliveries)
 
+    def _sent(self, route: str) -> None:
+        """The transport is done with the current delivery: its next may be leased while
+        this one's results are written."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._sending_of[self._group_of[route]].discard(task)
+        self._wake.set()
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        for in_flight in self._in_flight_of.values():
+        for in_flight in (*self._in_flight_of.values(), *self._sending_of.values()):
             in_flight.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
@@ -224,6 +241,7 @@ class Scheduler:
             except Exception:  # a bug in a transport must not lose or stall the mail
                 log.exception("transport failed", queue_id=delivery.queue_id, route=delivery.route)
                 outcomes = {}
+        self._sent(delivery.route)
         if any(o.verdict is Verdict.DELIVERED for o in outcomes.values()):
             crashpoints.reached("after_upstream_ok")
         policy = self._retry[delivery.route]
