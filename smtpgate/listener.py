@@ -522,6 +522,7 @@ class GatewaySMTP(SMTP):
         self._implicit_tls = implicit_tls
         self._auth_checker = authenticator
         self._auth_failures = 0
+        self._idle_deadline = 0.0  # loop time; see _reset_timeout
         # aiosmtpd has no hook before each command: count in front of every smtp_* method.
         self._smtp_methods = {
             name: self._limited(name, method) for name, method in self._smtp_methods.items()
@@ -612,6 +613,23 @@ class GatewaySMTP(SMTP):
     def hold_idle_timer(self, seconds: float) -> None:
         """Give the client this long before the idle timeout (smtpgate is the slow one)."""
         self._reset_timeout(seconds)
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd cancels and makes a timer at every command, and we restart it at every
+        read: a noticeable share of the loop under load. Here the deadline moves and the
+        one timer, when it fires before the deadline, waits again for the rest."""
+        self._idle_deadline = self.loop.time() + (duration or self._timeout_duration)
+        timer = self._timeout_handle
+        if timer is None or timer.cancelled() or timer.when() > self._idle_deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._idle_deadline:
+            self._timeout_handle = self.loop.call_at(self._idle_deadline, self._idle_check)
+        else:
+            self._timeout_cb()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
