@@ -686,7 +686,7 @@ _Stored = tuple[str, Content, bool, float, float | None, str, str | None]
 def _fetch_messages(db: sqlite3.Connection, queue_ids: set[str]) -> dict[str, _Stored]:
     """The messages to send: small ones whole, large ones as a BlobBody that reads them
     later, a chunk at a time, with only their head read now."""
-    path = Path(db.execute("PRAGMA database_list").fetchone()[2])
+    path: Path | None = None
     found: dict[str, _Stored] = {}
     ids = sorted(queue_ids)
     for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
@@ -705,6 +705,7 @@ def _fetch_messages(db: sqlite3.Connection, queue_ids: set[str]) -> dict[str, _S
             else:
                 with db.blobopen("messages", "content", row, readonly=True) as blob:
                     head = blob.read(HEAD)
+                path = path or Path(db.execute("PRAGMA database_list").fetchone()[2])
                 content = BlobBody(path, queue_id, size, head)
             found[queue_id] = (sender, content, bool(smtputf8), received_at, send_at, client, user)
     return found
