@@ -21,6 +21,7 @@ from conftest import (
     with_default_route,
 )
 from test_e2e_direct import direct
+from test_e2e_passthrough import passthrough_config
 
 from smtpgate.content import received
 
@@ -169,3 +170,19 @@ def test_an_oversize_message_gets_552_and_leaves_nothing(
     fits = big_message("c@example.com", 1_500_000)
     assert send_raw(gateway.port, "c@example.com", fits).startswith("250")
     wait_until(lambda: len(gateway.queue()) == 1, what="the message in the queue")
+
+
+def test_a_big_message_passes_through_and_the_client_hears_the_upstream(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    upstream = upstreams.start()
+    gateway = gateway_factory(
+        passthrough_config(upstream.port),
+        server=with_default_route("upstream") + 'max_message_size = "100MB"\n',
+    )
+    message = big_message("b@example.com", size=5_000_000, seed=9)
+    reply = send_raw(gateway.port, "b@example.com", message)
+    assert reply.startswith("250 2.0.0 Ok: stored by upstream [smtpgate "), reply
+    [arrived] = upstream.messages
+    assert sha(own_trace_removed(arrived.content)) == sha(message)
+    gateway.wait_for_state("b@example.com", "delivered")
