@@ -28,6 +28,7 @@ class Refusal(enum.Enum):
 
     TOO_LONG = "line too long"
     TOO_BIG = "too much mail data"
+    NO_ROOM = "the temporary file could not be written"  # a full disk, most likely
 
 
 class DataParser:
@@ -95,7 +96,8 @@ class DataParser:
 class Collector:
     """The message in memory until it passes `spill_at` bytes (None: never), then in an
     anonymous temporary file in `directory`, which is gone once closed or the process
-    dies, so a crash leaves nothing behind."""
+    dies, so a crash leaves nothing behind. A file that cannot be written is kept as
+    `error`, so the data can still be read to its end before the client hears why."""
 
     def __init__(self, spill_at: int | None, directory: Path | None) -> None:
         self._spill_at = spill_at
@@ -103,17 +105,24 @@ class Collector:
         self._pieces: list[bytes] = []
         self._held = 0
         self.file: BinaryIO | None = None
+        self.error: OSError | None = None
 
     def add(self, piece: bytes) -> None:
-        if self.file is not None:
-            self.file.write(piece)
+        if self.error is not None:
             return
-        self._pieces.append(piece)
-        self._held += len(piece)
-        if self._spill_at is not None and self._held > self._spill_at:
-            self.file = tempfile.TemporaryFile(dir=self._directory)
-            self.file.writelines(self._pieces)
-            self._pieces.clear()
+        try:
+            if self.file is not None:
+                self.file.write(piece)
+                return
+            self._pieces.append(piece)
+            self._held += len(piece)
+            if self._spill_at is not None and self._held > self._spill_at:
+                self.file = tempfile.TemporaryFile(dir=self._directory)
+                self.file.writelines(self._pieces)
+                self._pieces.clear()
+        except OSError as error:
+            self.error = error
+            self.close()
 
     def content(self) -> bytes:
         """What is held in memory (all of it unless `file` is set)."""
@@ -128,12 +137,14 @@ class Collector:
 @dataclass(frozen=True, slots=True)
 class Message:
     """The data of one transaction: in `content`, or in `spilled` (flushed, `size`
-    bytes from its start; the receiver closes it). `refusal` says why it was not kept."""
+    bytes from its start; the receiver closes it). `refusal` says why it was not kept,
+    `error` what went wrong with the temporary file."""
 
     content: bytes
     spilled: BinaryIO | None
     size: int
     refusal: Refusal | None
+    error: OSError | None = None
 
 
 async def receive(
@@ -163,8 +174,15 @@ async def receive(
             _unread(reader, parser.rest)
         if parser.refusal is not None:
             return Message(b"", None, 0, parser.refusal)
+        if collector.error is None and collector.file is not None:
+            try:
+                collector.file.flush()
+            except OSError as error:
+                collector.error = error
+                collector.close()
+        if collector.error is not None:
+            return Message(b"", None, 0, Refusal.NO_ROOM, collector.error)
         if collector.file is not None:
-            collector.file.flush()
             return Message(b"", collector.file, collector.file.tell(), None)
         content = collector.content()
         return Message(content, None, len(content), None)

@@ -871,6 +871,9 @@ class GatewaySMTP(SMTP):
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
         elif message.refusal is data.Refusal.TOO_BIG:
             await self.push("552 Error: Too much mail data")
+        elif message.refusal is data.Refusal.NO_ROOM:
+            log.warning("message refused", reason=str(message.error), client=self._client)
+            await self.push("452 4.3.1 Insufficient system storage, try again later")
         if message.refusal is not None:
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return

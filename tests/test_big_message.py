@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from conftest import (
     DnsZone,
     GatewayFactory,
@@ -186,3 +188,33 @@ def test_a_big_message_passes_through_and_the_client_hears_the_upstream(
     [arrived] = upstream.messages
     assert sha(own_trace_removed(arrived.content)) == sha(message)
     gateway.wait_for_state("b@example.com", "delivered")
+
+
+def test_a_full_disk_during_data_gets_452_after_the_final_dot(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """The state directory on an 8 MB file system: a 12 MB message cannot be written to
+    its temporary file. The client still sends it to the end, hears 452 4.3.1, and the
+    session goes on: a small message is accepted next."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    limits = 'min_free_space = "0B"\nmax_message_size = "100MB"\n'
+    gateway = gateway_factory(start=False, server=limits)
+    try:
+        text = gateway.config_path.read_text()
+        gateway.config_path.write_text(
+            text.replace(f'state_dir = "{gateway.state_dir}"', f'state_dir = "{disk}"')
+        )
+        gateway.start()
+        reply = send_raw(gateway.port, "b@example.com", big_message("b@example.com", 12_000_000))
+        assert reply.startswith("452 4.3.1 Insufficient system storage"), reply
+        small = big_message("c@example.com", 300_000)
+        assert send_raw(gateway.port, "c@example.com", small).startswith("250")
+    finally:
+        gateway.stop()
+        subprocess.run(["umount", str(disk)], check=True)
