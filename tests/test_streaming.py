@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpgate.body import FileBody
+from smtpgate.body import CHUNK, FileBody
 from smtpgate.content import ContentRefused, canonical, canonical_file
 from smtpgate.data import DataParser, Refusal
 from smtpgate.headers import split_controls
@@ -150,5 +150,32 @@ def test_a_message_in_a_file_is_made_canonical_as_in_memory(
             assert (b"".join(body_of.chunks()), controls) == expected
         finally:
             body_of.close()
+            if made.file is not file:
+                made.file.close()
+
+
+@pytest.mark.parametrize(
+    "around",
+    [b"\r|\n", b"\r|x", b"x|\n", b"\r|\r\n", b"\r\n|\n", b"\n|\r"],
+    ids=["crlf", "cr", "lf", "cr-crlf", "crlf-lf", "lf-cr"],
+)
+def test_line_ends_fixed_where_the_file_is_read_in_two_pieces(around: bytes) -> None:
+    """canonical_file reads CHUNK bytes at a time: a CR at the end of one piece and an
+    LF at the start of the next are one line end, not two."""
+    before, after = around.split(b"|")
+    head = b"Subject: s\r\n\r\n"
+    filler = (b"y" * 78 + b"\r\n") * (CHUNK // 80 + 1)
+    raw = head + filler[: CHUNK - len(head) - len(before)] + before + after + b"\r\nend\n"
+    assert raw[CHUNK - len(before) : CHUNK + len(after)] == before + after
+    expected = canonical(raw, bare_line_ends="fix", max_hops=2)
+    with tempfile.TemporaryFile() as file:
+        file.write(raw)
+        file.flush()
+        made = canonical_file(file, len(raw), bare_line_ends="fix", max_hops=2, directory=None)
+        body = FileBody.of(made.header, made.file, made.offset, made.length)
+        try:
+            assert b"".join(body.chunks()) == expected
+        finally:
+            body.close()
             if made.file is not file:
                 made.file.close()
