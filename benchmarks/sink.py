@@ -42,7 +42,8 @@ async def serve(port: int, count_file: Path, host: str = "127.0.0.1") -> None:
     counter = Counter()
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: SMTP(counter, hostname="sink.bench", enable_SMTPUTF8=True),
+        # No size limit: benchmarks/big_message.py sends it 100 MB.
+        lambda: SMTP(counter, hostname="sink.bench", enable_SMTPUTF8=True, data_size_limit=None),
         host.split(","),
         port,
     )

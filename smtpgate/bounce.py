@@ -16,6 +16,7 @@ from email.message import EmailMessage, Message
 from email.policy import SMTP
 
 from smtpgate import clock
+from smtpgate.body import head_of
 from smtpgate.config import Config
 from smtpgate.router import Envelope, Router
 from smtpgate.spool.base import Delivery, NewMessage, NewRecipient
@@ -98,7 +99,7 @@ def dsn(
     status = EmailMessage(policy=SMTP)
     status.set_type("message/delivery-status")
     status.set_payload([per_message, *per_recipient])
-    headers = delivery.content.split(b"\r\n\r\n", 1)[0]
+    headers = head_of(delivery.content).split(b"\r\n\r\n", 1)[0]
     if len(headers) > _HEADERS_QUOTED:  # cut at a line end, never inside a field
         headers = headers[: headers.rfind(b"\r\n", 0, _HEADERS_QUOTED)]
     headers += b"\r\n"

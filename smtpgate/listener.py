@@ -15,15 +15,25 @@ import re
 import ssl
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any, AnyStr, cast
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AnyStr, BinaryIO, cast
 
-from aiosmtpd.smtp import SMTP, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
-from smtpgate import addresses, clock, crashpoints, logs
+from smtpgate import addresses, clock, crashpoints, data, logs
 from smtpgate.addresses import Role
 from smtpgate.auth import MECHANISMS, Authenticator, Verdict
+from smtpgate.body import Body, Content, FileBody, size_of
 from smtpgate.config import Config, ConfigError, valid_job_name
-from smtpgate.content import ContentRefused, canonical, helo_for_trace, received
+from smtpgate.content import (
+    CanonicalFile,
+    ContentRefused,
+    canonical,
+    canonical_file,
+    helo_for_trace,
+    received,
+)
 from smtpgate.headers import split_controls
 from smtpgate.jobs import SendAtError, day_job, job_of, parse_send_at
 from smtpgate.passthrough import LiveTransaction, Passthrough
@@ -220,19 +230,52 @@ class Handler:
         )
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        server_config = self._config.server
+        spilled = envelope.spilled if isinstance(envelope, GatewayEnvelope) else None
         try:
+            header, body = await self._canonical(envelope, spilled)
+        except ContentRefused as refused:
+            log.warning("message refused", reason=refused.reply, client=_peer_ip(session))
+            await self._end_live(session)  # the upstream transaction must not stay open
+            return refused.reply
+        try:
+            return await self._accept(server, session, envelope, header, body)
+        finally:
+            if body is not None and body.file is not spilled:
+                body.file.close()  # a rewritten file; the DATA reader's caller closes its own
+
+    async def _canonical(
+        self, envelope: Envelope, spilled: BinaryIO | None
+    ) -> tuple[bytes, CanonicalFile | None]:
+        """The message made canonical: all of it, or, for one the DATA reader put in a
+        file, its header section and where the rest is (read on a worker thread)."""
+        server_config = self._config.server
+        if spilled is None or not isinstance(envelope, GatewayEnvelope):
             raw = canonical(
                 envelope.original_content or b"",
                 bare_line_ends=server_config.bare_line_ends,
                 max_hops=server_config.max_hops,
             )
-        except ContentRefused as refused:
-            log.warning("message refused", reason=refused.reply, client=_peer_ip(session))
-            await self._end_live(session)  # the upstream transaction must not stay open
-            return refused.reply
+            return raw, None
+        made = await asyncio.to_thread(
+            canonical_file,
+            spilled,
+            envelope.spilled_size,
+            bare_line_ends=server_config.bare_line_ends,
+            max_hops=server_config.max_hops,
+            directory=self._config.state_dir(),
+        )
+        return made.header, made
+
+    async def _accept(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        raw: bytes,
+        rest: CanonicalFile | None,
+    ) -> str:
+        server_config = self._config.server
         content, controls = split_controls(raw)
-        sender = _sender(envelope)
         client_ip = _peer_ip(session)
         now = clock.now()
         try:
@@ -243,19 +286,32 @@ class Handler:
             log.warning("message refused", reason=str(error), header=header, client=client_ip)
             await self._end_live(session)
             return f"554 5.6.0 X-Smtpgate-{header}: {error}"
-        content = (
-            received(
-                helo=helo_for_trace(session.host_name),
-                client_ip=client_ip,
-                hostname=server_config.hostname,
-                protocol=_protocol(session),
-                recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
-                when=now,
-            )
-            + content
+        trace = received(
+            helo=helo_for_trace(session.host_name),
+            client_ip=client_ip,
+            hostname=server_config.hostname,
+            protocol=_protocol(session),
+            recipient=envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None,
+            when=now,
         )
+        stored = Stored(controls.get("route"), job, send_at, now)
+        if rest is None:
+            return await self._store(server, session, envelope, trace + content, stored)
+        body = FileBody.of(trace + content, rest.file, rest.offset, rest.length)
+        try:
+            return await self._store(server, session, envelope, body, stored)
+        finally:
+            body.close()  # a passthrough still sending it holds a handle of its own
+
+    async def _store(
+        self, server: SMTP, session: Session, envelope: Envelope, content: Content, how: Stored
+    ) -> str:
+        """Route, store, and (passthrough) send on; the reply to the final dot."""
+        sender = _sender(envelope)
+        client_ip = _peer_ip(session)
+        job, send_at, now = how.job, how.send_at, how.now
         user = auth_user(session)
-        route_header = controls.get("route")
+        route_header = how.route_header
         if route_header is not None and not self._policy.may_relay(client_ip):
             # A user logged in from outside is routed by the rules the operator wrote
             # (auth_user), not by a header that could send around the smarthost.
@@ -317,7 +373,7 @@ class Handler:
             sender=sender,
             client=client_ip,
             user=user,
-            size=len(content),
+            size=size_of(content),
             recipients=len(message.recipients),
             routes=sorted({r.route for r in message.recipients}),
         )
@@ -340,7 +396,7 @@ class Handler:
         live: LiveTransaction,
         queue_id: str,
         recipients: list[NewRecipient],
-        content: bytes,
+        content: Content,
     ) -> str | None:
         """The stored message's passthrough DATA. Once stored, the client never hears 451:
         a failure here leaves the recipients to the scheduler instead."""
@@ -355,11 +411,18 @@ class Handler:
         if relay and isinstance(server, GatewaySMTP):
             # The upstream may take data_timeout to answer: the client must wait as long.
             server.hold_idle_timer(self._config.relays[relay].data_timeout + 30)
-        task = asyncio.ensure_future(
-            passthrough.finish(
-                live, self._spool, queue_id, content, alone=all(r.leased for r in recipients)
-            )
-        )
+        own = content.duplicate() if isinstance(content, FileBody) else content
+
+        async def finish() -> str | None:
+            try:
+                return await passthrough.finish(
+                    live, self._spool, queue_id, own, alone=all(r.leased for r in recipients)
+                )
+            finally:
+                if isinstance(own, Body):
+                    own.close()
+
+        task = asyncio.ensure_future(finish())
         self._closing.add(task)  # shielded: it records the result even if the client leaves
         task.add_done_callback(self._closing.discard)
         return await asyncio.shield(task)
@@ -399,6 +462,16 @@ class Handler:
     async def handle_exception(self, error: Exception) -> str:
         log.error("unexpected error in an SMTP session", exc_info=error)
         return TEMPORARY_FAILURE
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """What the control headers say about storing a message, and when it arrived."""
+
+    route_header: str | None
+    job: str | None
+    send_at: float | None
+    now: float
 
 
 def _protocol(session: Session) -> str:
@@ -488,6 +561,16 @@ class Connections:
             self.idle.set()
 
 
+class GatewayEnvelope(Envelope):
+    """aiosmtpd's Envelope, and where a message too big for memory was put: `spilled`
+    (a temporary file of `spilled_size` bytes) instead of `original_content`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spilled: BinaryIO | None = None
+        self.spilled_size = 0
+
+
 class GatewaySMTP(SMTP):
     """aiosmtpd's SMTP with enhanced status codes on its own replies, a 421 on idle
     timeout instead of a silent close, the idle timer running from the last byte, a
@@ -504,9 +587,11 @@ class GatewaySMTP(SMTP):
         counted: bool = True,
         implicit_tls: bool = False,
         authenticator: Authenticator | None = None,
+        spill_dir: Path | None = None,
         **options: Any,
     ) -> None:
         super().__init__(handler, **options)
+        self._spill_dir = spill_dir  # where a large message waits while it is stored
         # Counted by the factory, or (implicit TLS) once the handshake is done: a
         # handshake that fails never reaches connection_made or connection_lost.
         self._connections = connections
@@ -771,6 +856,75 @@ class GatewaySMTP(SMTP):
             return None, None
         return address, rest
 
+    def _create_envelope(self) -> GatewayEnvelope:
+        return GatewayEnvelope()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """aiosmtpd's DATA, reading the message in large pieces rather than line by line,
+        and putting a large one in a temporary file (smtpgate.data): the same replies,
+        limits, envelope fields and handle_DATA call."""
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        if not isinstance(envelope, GatewayEnvelope):
+            return  # made by _create_envelope at HELO
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        message = await data.receive(
+            self._reader,
+            size_limit=self.data_size_limit,
+            line_limit=self.line_length_limit,
+            spill_at=None if self._decode_data else data.SPILL_AT,  # a str is wanted whole
+            directory=self._spill_dir,
+        )
+        if message.refusal is data.Refusal.TOO_LONG:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)")
+        elif message.refusal is data.Refusal.TOO_BIG:
+            await self.push("552 Error: Too much mail data")
+        elif message.refusal is data.Refusal.NO_ROOM:
+            log.warning("message refused", reason=str(message.error), client=self._client)
+            await self.push("452 4.3.1 Insufficient system storage, try again later")
+        if message.refusal is not None:
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        try:
+            if message.spilled is not None:
+                envelope.spilled = message.spilled
+                envelope.spilled_size = message.size
+            elif not await self._set_content(envelope, message.content):
+                return
+            status = MISSING
+            if "DATA" in self._handle_hooks:
+                status = await self._call_handler_hook("DATA")
+        finally:
+            if message.spilled is not None:
+                message.spilled.close()
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _set_content(self, envelope: Envelope, content: bytes) -> bool:
+        """The message on the envelope as aiosmtpd puts it there; False when it is not
+        ASCII and neither SMTPUTF8 nor bytes were asked for (then answered already)."""
+        envelope.original_content = content
+        envelope.content = content
+        if self._decode_data:
+            if self.enable_SMTPUTF8:
+                envelope.content = content.decode("utf-8", errors="surrogateescape")
+            elif not content.isascii():
+                await self.push("500 Error: strict ASCII mode")
+                return False
+            else:
+                envelope.content = content.decode("ascii")
+        return True
+
     async def smtp_MAIL(self, arg: str | None) -> None:
         if await self._source_route(arg):
             return
@@ -887,6 +1041,7 @@ def protocol_factory(
             counted=not implicit_tls,
             implicit_tls=implicit_tls,
             authenticator=authenticator,
+            spill_dir=config.state_dir(),
             tls_context=None if implicit_tls else tls,
             data_size_limit=server.max_message_size,
             enable_SMTPUTF8=True,

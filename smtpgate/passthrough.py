@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from smtpgate import logs
+from smtpgate.body import Content
 from smtpgate.delivery.outcome import Outcome, Scope, Verdict, format_reply
 from smtpgate.spool.base import RecipientState, RecipientUpdate, Spool
 from smtpgate.transports.relay import RelayTransport
@@ -83,7 +84,7 @@ class Passthrough:
         transaction: LiveTransaction,
         spool: Spool,
         queue_id: str,
-        content: bytes,
+        content: Content,
         *,
         alone: bool,
     ) -> str | None:

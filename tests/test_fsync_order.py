@@ -68,8 +68,14 @@ def strace_refusal() -> str | None:
     return None
 
 
+# A large message is written into its blob in chunks, in the same transaction: the
+# marker at its end is in the last of them.
+LARGE = "".join(f"{n:08} {'x' * 80}\r\n" for n in range(25_000))
+
+
+@pytest.mark.parametrize("filler", ["", LARGE], ids=["small", "large"])
 def test_the_wal_is_flushed_before_the_250_is_sent(
-    gateway_factory: GatewayFactory, tmp_path: Path
+    gateway_factory: GatewayFactory, tmp_path: Path, filler: str
 ) -> None:
     if refusal := strace_refusal():
         pytest.skip(refusal)
@@ -89,7 +95,7 @@ def test_the_wal_is_flushed_before_the_250_is_sent(
     gateway.start()
     pid = int((gateway.state_dir / "spool.db.lock").read_text())  # smtpgate, not strace
     try:
-        reply = submit(gateway.port, f"Subject: s\r\n\r\n{MARKER}\r\n.\r\n".encode())
+        reply = submit(gateway.port, f"Subject: s\r\n\r\n{filler}{MARKER}\r\n.\r\n".encode())
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)

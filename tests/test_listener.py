@@ -298,3 +298,31 @@ def test_faults_inside_smtpgate_answer_451_without_leaking(tmp_path: Path, fault
     assert "secret internals" not in message and "No space" not in message
     [error] = [e for e in logged if e["log_level"] == "error"]
     assert error.get("exc_info"), error  # the traceback goes to the log, not the client
+
+
+def test_commands_pipelined_after_the_final_dot_are_answered(
+    gateway_factory: GatewayFactory,
+) -> None:
+    """RFC 2920: a client may send the next transaction's commands right behind the final
+    dot. The DATA reader reads past the dot in large pieces and must give them back."""
+    gateway = gateway_factory()
+    talk = Dialogue(gateway.port)
+    talk.send(b"EHLO client.test\r\n")
+    talk.send(b"MAIL FROM:<a@example.org>\r\n")
+    talk.send(b"RCPT TO:<b@example.com>\r\n")
+    assert talk.send(b"DATA\r\n").startswith("354")
+    first = talk.send(
+        b"Subject: one\r\n\r\n.first\r\n.\r\n"
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
+    )
+    assert first.startswith("250 2.0.0 Ok: queued as")
+    assert talk.reply().startswith("250 2.1.0")
+    assert talk.reply().startswith("250 2.1.5")
+    assert talk.reply().startswith("354")
+    assert talk.send(b"Subject: two\r\n\r\nsecond\r\n.\r\nQUIT\r\n").startswith("250 2.0.0")
+    assert talk.reply().startswith("221")
+    talk.close()
+    assert sorted(r["address"] for m in gateway.queue() for r in m["recipients"]) == [
+        "b@example.com",
+        "c@example.com",
+    ]

@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from smtpgate.body import Content
+
 
 class RecipientState(enum.StrEnum):
     """The words the CLI, the API and the logs use for a recipient."""
@@ -90,11 +92,12 @@ class NewRecipient:
 @dataclass(frozen=True, slots=True)
 class NewMessage:
     """What the listener hands over at the end of DATA; `content` is already stripped of
-    control headers and has CRLF line ends."""
+    control headers and has CRLF line ends. A large message comes as a Body, which the
+    spool reads in chunks."""
 
     sender: str
     recipients: Sequence[NewRecipient]
-    content: bytes
+    content: Content
     client_address: str
     helo: str
     smtputf8: bool = False
@@ -112,12 +115,13 @@ class LeasedRecipient:
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One message and those of its recipients leased for one route."""
+    """One message and those of its recipients leased for one route. A large message's
+    `content` is a Body that reads the stored message in chunks."""
 
     queue_id: str
     route: str
     sender: str
-    content: bytes
+    content: Content
     smtputf8: bool
     received_at: float
     recipients: tuple[LeasedRecipient, ...]

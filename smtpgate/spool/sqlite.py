@@ -15,11 +15,12 @@ import os
 import queue
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from smtpgate import crashpoints, logs
+from smtpgate.body import CHUNK, HEAD, LARGE, Body, Content, size_of
 from smtpgate.jobs import day_job
 from smtpgate.spool import salvage
 from smtpgate.spool.base import (
@@ -628,23 +629,26 @@ def _marks(values: Sequence[object]) -> str:
 
 
 def _insert(db: sqlite3.Connection, message: NewMessage) -> str:
-    """The message and its recipients, under a fresh queue id; returns the id."""
+    """The message and its recipients, under a fresh queue id; returns the id. A Body is
+    written into a blob of its size chunk by chunk, never held whole in memory."""
+    content = message.content
+    blob = "?" if isinstance(content, bytes) else "zeroblob(?)"
     for step in range(ID_ATTEMPTS):
         # Each retry moves the clock part on by 1 µs, so even a stuck random
         # source cannot collide forever.
         queue_id = new_queue_id(message.received_at + step / 1_000_000)
         try:
-            db.execute(
-                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            cursor = db.execute(
+                f"INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, {blob}, ?, ?)",
                 (
                     queue_id,
                     message.sender,
-                    len(message.content),
+                    size_of(content),
                     message.received_at,
                     message.client_address,
                     message.helo,
                     message.smtputf8,
-                    message.content,
+                    content if isinstance(content, bytes) else content.size,
                     message.send_at,
                     message.submitted_by,
                 ),
@@ -654,6 +658,10 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> str:
         break
     else:
         raise RuntimeError(f"no free queue id after {ID_ATTEMPTS} attempts")
+    if isinstance(content, Body) and cursor.lastrowid is not None:
+        with db.blobopen("messages", "content", cursor.lastrowid) as stored:
+            for chunk in content.chunks():
+                stored.write(chunk)
     due = max(message.received_at, message.send_at or 0.0)
     jobs: dict[str, tuple[int, str]] = {}
     rows = []
@@ -672,29 +680,70 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> str:
     return queue_id
 
 
-_Stored = tuple[str, bytes, bool, float, float | None, str, str | None]
+_Stored = tuple[str, Content, bool, float, float | None, str, str | None]
 
 
 def _fetch_messages(db: sqlite3.Connection, queue_ids: set[str]) -> dict[str, _Stored]:
+    """The messages to send: small ones whole, large ones as a BlobBody that reads them
+    later, a chunk at a time, with only their head read now."""
+    path: Path | None = None
     found: dict[str, _Stored] = {}
     ids = sorted(queue_ids)
     for start in range(0, len(ids), 500):  # stay under SQLite's bound-parameter limit
         chunk = ids[start : start + 500]
-        for queue_id, sender, content, smtputf8, received_at, send_at, client, user in db.execute(
-            "SELECT queue_id, sender, content, smtputf8, received_at, send_at, client_address,"
-            f" submitted_by FROM messages WHERE queue_id IN ({_marks(chunk)})",
-            chunk,
+        for queue_id, row, size, sender, small, *rest in db.execute(
+            # CASE leaves a large blob unread: SQLite reads a column only when it is used.
+            "SELECT queue_id, rowid, size, sender, CASE WHEN size > ? THEN NULL ELSE content"
+            " END, smtputf8, received_at, send_at, client_address, submitted_by"
+            f" FROM messages WHERE queue_id IN ({_marks(chunk)})",
+            (LARGE, *chunk),
         ):
-            found[queue_id] = (
-                sender,
-                bytes(content),
-                bool(smtputf8),
-                received_at,
-                send_at,
-                client,
-                user,
-            )
+            smtputf8, received_at, send_at, client, user = rest
+            content: Content
+            if small is not None:
+                content = bytes(small)
+            else:
+                with db.blobopen("messages", "content", row, readonly=True) as blob:
+                    head = blob.read(HEAD)
+                path = path or Path(db.execute("PRAGMA database_list").fetchone()[2])
+                content = BlobBody(path, queue_id, size, head)
+            found[queue_id] = (sender, content, bool(smtputf8), received_at, send_at, client, user)
     return found
+
+
+class BlobBody(Body):
+    """A stored message, read from its blob a chunk at a time on a connection of its own
+    (one per pass, in one read transaction): the spool never changes a stored message."""
+
+    def __init__(self, path: Path, queue_id: str, size: int, head: bytes) -> None:
+        self._path = path
+        self._queue_id = queue_id
+        self.size = size
+        self._head = head
+
+    @property
+    def head(self) -> bytes:
+        return self._head
+
+    def chunks(self) -> Generator[bytes, None, None]:
+        # Not bound to one thread: read_chunks reads each chunk on any worker thread.
+        db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA busy_timeout = 10000")
+            db.execute("BEGIN")
+            row = db.execute(
+                "SELECT rowid FROM messages WHERE queue_id = ?", (self._queue_id,)
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"message {self._queue_id} is no longer in the spool")
+            with db.blobopen("messages", "content", row[0], readonly=True) as blob:
+                while piece := blob.read(CHUNK):
+                    yield piece
+        finally:
+            db.close()
+
+    def close(self) -> None:
+        """Nothing is held between passes."""
 
 
 def _join_job(

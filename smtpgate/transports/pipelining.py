@@ -33,13 +33,30 @@ class Reply:
 
 
 class ReplyReader(asyncio.Protocol):
-    """Collects complete (multi-line) replies in the order they arrive."""
+    """Collects complete (multi-line) replies in the order they arrive, and hears the
+    transport's flow control while it streams a large message."""
 
     def __init__(self) -> None:
         self._buffer = bytearray()
         self._replies: deque[Reply] = deque()
         self._arrived = asyncio.Event()
         self._lost: BaseException | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    async def writable(self, within: float) -> None:
+        """Wait until the transport takes more (TimeoutError after `within` seconds);
+        ConnectionDropped when the connection went away meanwhile."""
+        async with asyncio.timeout(within):
+            await self._writable.wait()
+        if isinstance(self._lost, ConnectionDropped):
+            raise self._lost
 
     def data_received(self, data: bytes) -> None:
         if self._lost is not None:  # nothing after a broken reply can be trusted
@@ -53,6 +70,7 @@ class ReplyReader(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = ConnectionDropped("connection lost" + (f": {exc}" if exc else ""))
         self._arrived.set()
+        self._writable.set()
 
     def eof_received(self) -> bool:
         self._lost = ConnectionDropped("connection closed by the server")

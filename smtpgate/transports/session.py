@@ -17,6 +17,7 @@ from typing import Literal, cast
 
 import aiosmtplib
 
+from smtpgate.body import Body, Content, size_of
 from smtpgate.config import RelayConfig
 from smtpgate.delivery.outcome import Outcome, Scope, describe_error, format_reply
 from smtpgate.spool.base import Delivery, LeasedRecipient
@@ -29,6 +30,7 @@ from smtpgate.transports.pipelining import (
     dot_stuffed,
     fits,
 )
+from smtpgate.transports.streaming import write_body
 
 
 class SessionError(Exception):
@@ -342,6 +344,11 @@ class UpstreamSession:
         if not accepted:
             await self._reset()
             return outcomes, postponed
+        if isinstance(delivery.content, Body):
+            final = await self._streamed_data(delivery.content)
+            self.transactions += 1
+            outcomes.update(dict.fromkeys((r.id for r in accepted), final))
+            return outcomes, postponed
         try:
             response = await client.data(delivery.content, timeout=self._endpoint.data_timeout)
         except aiosmtplib.SMTPResponseException as error:
@@ -422,8 +429,10 @@ class UpstreamSession:
                     transport.write(b"RSET\r\n")
                     await self._drain_reply(reader, timeout)
                 return outcomes, postponed
-            payload = dot_stuffed(delivery.content) if accepted else b".\r\n"
-            transport.write(payload)
+            if accepted:
+                await self._write_content(transport, reader, delivery.content)
+            else:
+                transport.write(b".\r\n")
             try:
                 final = await reader.next(self._endpoint.data_timeout)
             except (TimeoutError, ConnectionDropped, PipelineBroken) as error:
@@ -434,6 +443,51 @@ class UpstreamSession:
             outcome = Outcome.from_reply(final.code, final.text, Scope.MESSAGE)
             outcomes.update(dict.fromkeys((r.id for r in accepted), outcome))
         return outcomes, postponed
+
+    async def _write_content(
+        self, transport: asyncio.Transport, reader: ReplyReader, content: Content
+    ) -> None:
+        """The message after 354, dot-stuffed, and the final dot: whole, or a Body
+        chunk by chunk. A failure before the final dot closes the connection, so the
+        server drops what it got, and defers the message (nothing was delivered)."""
+        if isinstance(content, bytes):
+            transport.write(dot_stuffed(content))
+            return
+        try:
+            await write_body(transport, reader, content, self._endpoint.data_timeout)
+        except (TimeoutError, ConnectionDropped) as error:
+            raise self._lost(error, "DATA") from None
+        except Exception as error:  # the spool could not be read: the server gets no dot
+            self.close()
+            raise SessionError(
+                Outcome.deferred(
+                    f"cannot read the message to send: {describe_error(error)}", Scope.MESSAGE
+                )
+            ) from None
+
+    async def _streamed_data(self, body: Body) -> Outcome:
+        """DATA, one command at a time, for a message read from the spool in chunks
+        (aiosmtplib's data() wants it whole): on the borrowed transport, as pipelining."""
+        transport = cast(asyncio.Transport | None, self._client.transport)
+        if transport is None or transport.is_closing():
+            raise self._lost(ConnectionDropped("not connected"), "DATA")
+        with borrowed(transport) as reader:
+            transport.write(b"DATA\r\n")
+            try:
+                reply = await reader.next(self._endpoint.timeout)
+            except (TimeoutError, ConnectionDropped, PipelineBroken) as error:
+                raise self._lost(error, "DATA") from None
+            if reply.code != 354:
+                self._lost_unless_connected(
+                    aiosmtplib.SMTPResponseException(reply.code, reply.text), "DATA"
+                )
+                return Outcome.from_reply(reply.code, reply.text, Scope.MESSAGE)
+            await self._write_content(transport, reader, body)
+            try:
+                final = await reader.next(self._endpoint.data_timeout)
+            except (TimeoutError, ConnectionDropped, PipelineBroken) as error:
+                raise self._lost(error, "DATA", unknown=True) from None
+        return Outcome.from_reply(final.code, final.text, Scope.MESSAGE)
 
     async def _drain_reply(self, reader: ReplyReader, within: float) -> None:
         try:
@@ -474,7 +528,14 @@ class UpstreamSession:
             raise self._lost(error, "RCPT TO") from None
         return Reply(response.code, response.message)
 
-    async def finish(self, content: bytes) -> Outcome:
+    async def finish(self, content: Content) -> Outcome:
+        if isinstance(content, Body):
+            try:
+                outcome = await self._streamed_data(content)
+            except SessionError as error:
+                return error.outcome
+            self.transactions += 1
+            return outcome
         try:
             response = await self._client.data(content, timeout=self._endpoint.data_timeout)
         except aiosmtplib.SMTPResponseException as error:
@@ -508,12 +569,17 @@ class UpstreamSession:
 
     def _mail_options(self, delivery: Delivery, encoding: str) -> list[str]:
         options = []
-        if self._client.supports_extension("8bitmime") and not delivery.content.isascii():
+        content = delivery.content
+        # A Body is not read through for this: 8BITMIME is declared for it, which RFC 6152
+        # allows for 7-bit content too.
+        if self._client.supports_extension("8bitmime") and not (
+            isinstance(content, bytes) and content.isascii()
+        ):
             options.append("BODY=8BITMIME")
         if encoding == "utf-8":
             options.append("SMTPUTF8")
         if self._client.supports_extension("size"):
-            options.append(f"SIZE={len(delivery.content)}")
+            options.append(f"SIZE={size_of(content)}")
         return options
 
     def _lost_unless_connected(self, error: aiosmtplib.SMTPResponseException, stage: str) -> None:

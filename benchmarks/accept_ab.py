@@ -1,0 +1,119 @@
+"""A/B of the small-message accept rate: this tree against another smtpgate tree.
+
+    .venv/bin/python benchmarks/accept_ab.py --baseline DIR [--sessions 50]
+        [--messages 3000] [--reps 4] [--hold] [--state-on /dev/shm]
+
+Postfix's smtp-source sends 4 KiB messages over `--sessions` connections (each reused,
+-d) to a fresh `smtpgate serve` of each tree in turn, the order alternating between
+repetitions; the route relays with turbo to Postfix's smtp-sink, or with --hold is held,
+so only the accept path runs. `--state-on` puts the spool on another file system (a
+tmpfs takes the disk's flushes out of the measurement). Prints each rate, the medians
+and the ratio this/baseline: only ratios from one run compare. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from relay import PYTHON, Process, free_port, wait_port
+
+HERE = Path(__file__).resolve().parent
+
+
+def gateway(source: Path, workdir: Path, sink_port: int, hold: bool) -> tuple[Process, int]:
+    port = free_port()
+    state = Path(tempfile.mkdtemp(dir=workdir))
+    config = state / "smtpgate.toml"
+    config.write_text(f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+state_dir = "{state}"
+hostname = "gateway.bench"
+default_route = "sink"
+max_connections = 1000
+max_connections_per_client = 1000
+
+[log]
+level = "warning"
+format = "json"
+
+[relays.sink]
+host = "127.0.0.1"
+port = {sink_port}
+tls = "none"
+concurrency = 10
+turbo = true
+
+[routes.sink]
+mode = "relay"
+relay = "sink"
+hold = {str(hold).lower()}
+""")
+    env = dict(os.environ, PYTHONPATH=str(source), PYTHONDONTWRITEBYTECODE="1")
+    process = Process(
+        [PYTHON, "-m", "smtpgate", "serve", "--config", str(config)],
+        port,
+        env=env,
+        cwd=state,  # not the checkout: `-m` would import smtpgate from there first
+    )
+    return process, port
+
+
+def accept_rate(port: int, sessions: int, messages: int) -> float:
+    argv = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", "4096", "-d"]
+    argv += ["-f", "sender@example.test", "-t", "rcpt@example.test", "-M", "bench.test"]
+    started = time.perf_counter()
+    subprocess.run([*argv, f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+    return messages / (time.perf_counter() - started)
+
+
+def one(source: Path, args: argparse.Namespace, workdir: Path) -> float:
+    sink_port = free_port()
+    sink = subprocess.Popen(
+        ["smtp-sink", "-u", "nobody", f"127.0.0.1:{sink_port}", "1024"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_port(sink_port)
+        process, port = gateway(source, workdir, sink_port, args.hold)
+        try:
+            time.sleep(0.5)  # start-up settles
+            return accept_rate(port, args.sessions, args.messages)
+        finally:
+            process.stop()
+    finally:
+        sink.kill()
+        sink.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--baseline", type=Path, required=True, help="another smtpgate tree")
+    parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--hold", action="store_true", help="hold the route: accept only")
+    parser.add_argument("--state-on", type=Path, help="a directory for the spools")
+    args = parser.parse_args()
+    trees = {"this": HERE.parent, "baseline": args.baseline.resolve()}
+    rates: dict[str, list[float]] = {name: [] for name in trees}
+    with tempfile.TemporaryDirectory(dir=args.state_on, prefix="smtpgate-ab-") as directory:
+        for rep in range(args.reps):
+            order = list(trees.items())
+            for name, source in order if rep % 2 == 0 else reversed(order):
+                rate = one(source, args, Path(directory))
+                rates[name].append(rate)
+                print(f"{rep} {name:<9} {rate:.0f} msg/s", flush=True)
+    this, baseline = (statistics.median(rates[name]) for name in trees)
+    print(f"median: this {this:.0f}, baseline {baseline:.0f} msg/s, ratio {this / baseline:.2f}")
+
+
+if __name__ == "__main__":
+    main()
