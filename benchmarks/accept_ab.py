@@ -14,55 +14,15 @@ and the ratio this/baseline: only ratios from one run compare. Loopback only.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from relay import PYTHON, Process, free_port, wait_port
+from relay import free_port, gateway, wait_port
 
 HERE = Path(__file__).resolve().parent
-
-
-def gateway(source: Path, workdir: Path, sink_port: int, hold: bool) -> tuple[Process, int]:
-    port = free_port()
-    state = Path(tempfile.mkdtemp(dir=workdir))
-    config = state / "smtpgate.toml"
-    config.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-state_dir = "{state}"
-hostname = "gateway.bench"
-default_route = "sink"
-max_connections = 1000
-max_connections_per_client = 1000
-
-[log]
-level = "warning"
-format = "json"
-
-[relays.sink]
-host = "127.0.0.1"
-port = {sink_port}
-tls = "none"
-concurrency = 10
-turbo = true
-
-[routes.sink]
-mode = "relay"
-relay = "sink"
-hold = {str(hold).lower()}
-""")
-    env = dict(os.environ, PYTHONPATH=str(source), PYTHONDONTWRITEBYTECODE="1")
-    process = Process(
-        [PYTHON, "-m", "smtpgate", "serve", "--config", str(config)],
-        port,
-        env=env,
-        cwd=state,  # not the checkout: `-m` would import smtpgate from there first
-    )
-    return process, port
 
 
 def accept_rate(port: int, sessions: int, messages: int) -> float:
@@ -82,7 +42,13 @@ def one(source: Path, args: argparse.Namespace, workdir: Path) -> float:
     )
     try:
         wait_port(sink_port)
-        process, port = gateway(source, workdir, sink_port, args.hold)
+        process, port = gateway(
+            workdir,
+            sink_port,
+            relay="turbo = true",
+            route=f"hold = {str(args.hold).lower()}",
+            source=source,
+        )
         try:
             time.sleep(0.5)  # start-up settles
             return accept_rate(port, args.sessions, args.messages)

@@ -13,14 +13,13 @@ main) the same way in the same run, for a before/after. Loopback only.
 from __future__ import annotations
 
 import argparse
-import os
 import smtplib
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from relay import PYTHON, Process, free_port, received, sink
+from relay import gateway, received, sink
 
 LINE = b"The quick brown fox jumps over the lazy dog. " * 2 + b"\r\n"
 
@@ -42,48 +41,15 @@ def peak_and_current_mb(pid: int) -> tuple[float, float]:
     return fields["VmHWM"], fields["VmRSS"]
 
 
-def gateway(source: Path | None, workdir: Path, upstream: int, max_mb: int) -> tuple[Process, int]:
-    port = free_port()
-    state = Path(tempfile.mkdtemp(dir=workdir))
-    config = state / "smtpgate.toml"
-    config.write_text(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-state_dir = "{state}"
-hostname = "gateway.bench"
-default_route = "sink"
-max_message_size = "{max_mb}MB"
-idle_timeout = "10m"
-
-[log]
-level = "warning"
-format = "json"
-
-[relays.sink]
-host = "127.0.0.1"
-port = {upstream}
-tls = "none"
-data_timeout = "10m"
-
-[routes.sink]
-mode = "relay"
-relay = "sink"
-""")
-    env = dict(os.environ)
-    if source is not None:
-        env["PYTHONPATH"] = str(source)
-    process = Process(
-        [PYTHON, "-m", "smtpgate", "serve", "--config", str(config)],
-        port,
-        env=env,
-        cwd=state,  # not the checkout: `-m` would import smtpgate from there first
-    )
-    return process, port
-
-
 def run(who: str, source: Path | None, message: bytes, workdir: Path) -> dict[str, float]:
     sink_process, sink_port, count_file = sink(workdir)
-    smtpgate, port = gateway(source, workdir, sink_port, 2 * len(message) // 1_000_000 + 10)
+    smtpgate, port = gateway(
+        workdir,
+        sink_port,
+        server=f'max_message_size = "{2 * len(message) // 1_000_000 + 10}MB"\nidle_timeout = "10m"',
+        relay='data_timeout = "10m"',
+        source=source,
+    )
     try:
         time.sleep(1.0)  # let start-up settle: the spool opened, the scheduler idle
         pid = smtpgate.popen.pid

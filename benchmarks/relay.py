@@ -157,7 +157,18 @@ def received(count_file: Path) -> int:
     return int(text[0]) if text else 0
 
 
-def gateway(workdir: Path, upstream: int, *, turbo: bool) -> tuple[Process, int]:
+def gateway(
+    workdir: Path,
+    upstream: int,
+    *,
+    server: str = "",
+    relay: str = "",
+    route: str = "",
+    source: Path | None = None,
+) -> tuple[Process, int]:
+    """`smtpgate serve` relaying everything to 127.0.0.1:upstream, and its port. `server`,
+    `relay` and `route` are more lines for those tables; `source` is another smtpgate
+    source tree to run instead of the installed one."""
     port = free_port()
     state = Path(tempfile.mkdtemp(dir=workdir))
     config = state / "smtpgate.toml"
@@ -168,6 +179,8 @@ state_dir = "{state}"
 hostname = "gateway.bench"
 default_route = "sink"
 max_connections = 1000
+max_connections_per_client = 1000
+{server}
 
 [log]
 level = "warning"
@@ -178,13 +191,23 @@ host = "127.0.0.1"
 port = {upstream}
 tls = "none"
 concurrency = 10
-turbo = {str(turbo).lower()}
+{relay}
 
 [routes.sink]
 mode = "relay"
 relay = "sink"
+{route}
 """)
-    return Process([PYTHON, "-m", "smtpgate", "serve", "--config", str(config)], port), port
+    env = dict(os.environ)
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
+    process = Process(
+        [PYTHON, "-m", "smtpgate", "serve", "--config", str(config)],
+        port,
+        env=env,
+        cwd=state,  # not the checkout: `-m` would import smtpgate from there first
+    )
+    return process, port
 
 
 def run_case(case: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
@@ -198,7 +221,9 @@ def run_case(case: str, args: argparse.Namespace, workdir: Path) -> dict[str, fl
     result["reference"] = args.messages / seconds
     # smtpgate, relaying to a sink of its own.
     upstream, upstream_port, count_file = sink(workdir)
-    smtpgate, port = gateway(workdir, upstream_port, turbo=case.endswith("turbo"))
+    smtpgate, port = gateway(
+        workdir, upstream_port, relay=f"turbo = {str(case.endswith('turbo')).lower()}"
+    )
     started = time.perf_counter()
     seconds = asyncio.run(load(port, args.messages, args.connections, recipients))
     if case == "accept":
