@@ -78,7 +78,8 @@ def canonical_file(
     in `directory` with every line end CRLF; the caller closes a file that is not `raw`.
 
     The header section is what lies before the first empty line within HEADER_WINDOW
-    bytes; a longer one is taken as far as the last line end within them."""
+    bytes (all of a message without one); a longer one is taken as far as the last line
+    end within them."""
     fd = raw.fileno()
     crlf = cr = lf = 0
     last = b""
@@ -103,6 +104,8 @@ def canonical_file(
     end = window.find(b"\r\n\r\n")
     if end >= 0:
         cut = end + 4
+    elif size <= len(window):  # no body at all: every line is header, as in memory
+        cut = size
     else:
         cut = window.rfind(b"\r\n") + 2 if b"\r\n" in window else len(window)
     header = window[:cut]
