@@ -95,13 +95,13 @@ async def load(
     return time.perf_counter() - started
 
 
-def _family(pid: int) -> list[int]:
+def family(pid: int) -> list[int]:
     """The process and its descendants, from /proc."""
-    family = [pid]
+    members = [pid]
     for task in Path(f"/proc/{pid}/task").glob("*"):
         for child in (task / "children").read_text().split():
-            family += _family(int(child))
-    return family
+            members += family(int(child))
+    return members
 
 
 def _peak_rss_kb(pid: int) -> int:
@@ -128,7 +128,7 @@ class Process:
     def peak_rss_mb(self) -> float:
         """Peak RSS of the process and its children (smtpgate's delivery process), summed:
         an upper bound, since the two peaks need not come at the same moment."""
-        return sum(_peak_rss_kb(pid) for pid in _family(self.popen.pid)) / 1024
+        return sum(_peak_rss_kb(pid) for pid in family(self.popen.pid)) / 1024
 
     def stop(self) -> None:
         self.popen.send_signal(signal.SIGTERM)
