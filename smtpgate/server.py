@@ -76,8 +76,7 @@ class Server:
         is on, except those of a relay that a passthrough route uses, whose connection
         and rate limits must be shared with the listener's live sessions."""
         config = self.config
-        wanted = config.server.delivery_process
-        if wanted == "inline" or (wanted == "auto" and (os.cpu_count() or 1) < 2):
+        if config.server.delivery_process == "inline":
             return []
         live_relays = {relay_of(config, n) for n, r in config.routes.items() if r.passthrough}
         return [name for name in config.routes if relay_of(config, name) not in live_relays]

@@ -172,12 +172,11 @@ def test_deliveries_run_in_a_process_of_their_own(
     assert not Path(f"/proc/{child}").exists(), "the delivery process outlived the server"
 
 
-def test_inline_keeps_one_process(gateway_factory: GatewayFactory, upstreams: Upstreams) -> None:
+def test_by_default_one_process_does_everything(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
     upstream = upstreams.start()
-    gateway = gateway_factory(
-        relay_config(upstream.port),
-        server=with_default_route("upstream") + 'delivery_process = "inline"\n',
-    )
+    gateway = gateway_factory(relay_config(upstream.port), server=with_default_route("upstream"))
     assert gateway.process is not None
     send(gateway.port, "bob@example.com")
     wait_until(lambda: upstream.messages, what="the message at the upstream")
