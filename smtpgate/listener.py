@@ -237,6 +237,10 @@ class Handler:
             log.warning("message refused", reason=refused.reply, client=_peer_ip(session))
             await self._end_live(session)  # the upstream transaction must not stay open
             return refused.reply
+        except OSError as error:  # the file with its line ends fixed cannot be written
+            log.warning("message not accepted", reason=str(error), client=_peer_ip(session))
+            await self._end_live(session)
+            return "452 4.3.1 Insufficient system storage"
         try:
             return await self._accept(server, session, envelope, header, body)
         finally:
@@ -907,6 +911,7 @@ class GatewaySMTP(SMTP):
         finally:
             if message.spilled is not None:
                 message.spilled.close()
+                envelope.spilled, envelope.spilled_size = None, 0  # no use after this DATA
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 

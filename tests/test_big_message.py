@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import random
 import socket
+import struct
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -218,3 +220,46 @@ def test_a_full_disk_during_data_gets_452_after_the_final_dot(
     finally:
         gateway.stop()
         subprocess.run(["umount", str(disk)], check=True)
+
+
+def hang_up_after_the_final_dot(port: int, recipient: str, message: bytes) -> None:
+    """Send the message and reset the connection at once, without waiting for the reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        replies = sock.makefile("rb")
+        assert replies.readline().startswith(b"220")
+        for command in (b"HELO client.test", b"MAIL FROM:<a@example.org>", b"RCPT TO:<%b>"):
+            sock.sendall(command.replace(b"%b", recipient.encode()) + b"\r\n")
+            assert replies.readline().startswith(b"250")
+        sock.sendall(b"DATA\r\n")
+        assert replies.readline().startswith(b"354")
+        sock.sendall(message.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def test_a_client_hanging_up_while_its_big_message_is_stored_gets_nothing_mixed_up(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    """The session ends while the spool still copies the message from its temporary
+    file, and another session spills a message of its own at that moment: whatever was
+    stored is delivered as it was sent, never with bytes of another file."""
+    upstream = upstreams.start(pipelining=True)
+    gateway = gateway_factory(
+        relay_config(upstream.port, relay="turbo = true"),
+        server=with_default_route("upstream") + 'max_message_size = "100MB"\n',
+    )
+    gone = big_message("gone@example.com", size=20_000_000, seed=9)
+    kept = big_message("kept@example.com", size=20_000_000, seed=10)
+    other = threading.Thread(target=send_raw, args=(gateway.port, "kept@example.com", kept))
+    hang_up_after_the_final_dot(gateway.port, "gone@example.com", gone)
+    other.start()
+    other.join(120)
+    gateway.wait_for_state("kept@example.com", "delivered", timeout=120)
+    wait_until(
+        lambda: all(r["state"] != "sending" for r in gateway.recipients().values()),
+        timeout=60,
+        what="every stored message delivered",
+    )
+    sent = {"gone@example.com": sha(gone), "kept@example.com": sha(kept)}
+    for arrived in upstream.messages:
+        [recipient] = arrived.rcpt_tos
+        assert sha(own_trace_removed(arrived.content)) == sent[recipient], recipient

@@ -193,7 +193,17 @@ class SqliteSpool(Spool):
     # --- writes ---------------------------------------------------------------------
 
     async def store(self, message: NewMessage) -> str:
-        queue_id: str = await self._writer.submit(lambda db: _insert(db, message))
+        written = self._writer.submit(lambda db: _insert(db, message))
+        try:
+            # Shielded: the writer thread reads a Body's file while it runs, so a caller
+            # cancelled meanwhile (its client hung up) must not return and close that
+            # file first; the descriptor could be reused by another file by then.
+            queue_id: str = await asyncio.shield(written)
+        except asyncio.CancelledError:
+            await asyncio.wait({written})
+            if not written.cancelled():
+                written.exception()  # seen: the caller is gone, the log is not the place
+            raise
         crashpoints.reached("after_commit")
         return queue_id
 

@@ -128,8 +128,16 @@ class Channel:
             self._send(reply)
 
     def _send(self, frame: _Call | _Reply | _Cancel) -> None:
+        if self._writer.is_closing():
+            return  # the other side is gone; `serve` fails whatever waits
         payload = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)
-        self._writer.writelines((_LENGTH.pack(len(payload)), payload))
+        # uvloop raises RuntimeError on a transport its peer has just closed.
+        with contextlib.suppress(RuntimeError, ConnectionError):
+            self._writer.writelines((_LENGTH.pack(len(payload)), payload))
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     async def close(self) -> None:
         """End the channel from this side: the other side's `serve` returns."""

@@ -131,6 +131,9 @@ class DeliveryProcess:
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=ours)
@@ -139,10 +142,13 @@ class DeliveryProcess:
         try:
             async with asyncio.timeout(START_SECONDS):
                 infos: list[TransportInfo] = await channel.call(self._setup)
+            if channel.closed:  # it answered, then died at once
+                raise ChannelClosedError("the delivery process exited after starting")
         except (Exception, asyncio.CancelledError):
             await channel.close()
             with contextlib.suppress(ProcessLookupError):
                 self._child.kill()
+            await self._child.wait()
             raise
         log.info("delivery process started", pid=self._child.pid, transports=len(infos))
         self._started_at = time.monotonic()
@@ -152,7 +158,11 @@ class DeliveryProcess:
 
     async def _watch(self, channel: Channel, child: asyncio.subprocess.Process) -> None:
         """Serve the child's ledger calls while it runs; start another if it dies."""
-        await channel.serve(self._ledger_call)
+        try:
+            await channel.serve(self._ledger_call)
+        except Exception:  # a frame that cannot be read: the child is as good as dead
+            log.exception("the delivery process's channel failed")
+            await channel.close()
         if self._closing or channel is not self._channel:
             return  # stopping, or a child that never got set up (its starter says why)
         self._up.clear()
