@@ -263,3 +263,48 @@ def test_a_client_hanging_up_while_its_big_message_is_stored_gets_nothing_mixed_
     for arrived in upstream.messages:
         [recipient] = arrived.rcpt_tos
         assert sha(own_trace_removed(arrived.content)) == sent[recipient], recipient
+
+
+def test_a_line_end_rewrite_that_does_not_fit_gets_452_and_the_session_goes_on(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """On an 8 MB file system a 5 MB message with bare LFs fits in its temporary file,
+    but its copy with the line ends fixed does not: 452, and the next message of the
+    same session, a small one, is accepted (nothing of the big one is left behind)."""
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
+    gateway = gateway_factory(
+        start=False, server='min_free_space = "0B"\nmax_message_size = "100MB"\n'
+    )
+    try:
+        text = gateway.config_path.read_text()
+        gateway.config_path.write_text(
+            text.replace(f'state_dir = "{gateway.state_dir}"', f'state_dir = "{disk}"')
+        )
+        gateway.start()
+        bare = b"Subject: bare\r\n\r\n" + b"a line with a bare LF\n in it\r\n" * 170_000
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=120) as sock:
+            replies = sock.makefile("rb")
+            assert replies.readline().startswith(b"220")
+
+            def transaction(content: bytes) -> bytes:
+                for command in (b"MAIL FROM:<a@example.org>", b"RCPT TO:<b@example.com>"):
+                    sock.sendall(command + b"\r\n")
+                    assert replies.readline().startswith(b"250")
+                sock.sendall(b"DATA\r\n")
+                assert replies.readline().startswith(b"354")
+                sock.sendall(content + b"\r\n.\r\n")
+                return replies.readline()
+
+            sock.sendall(b"HELO client.test\r\n")
+            assert replies.readline().startswith(b"250")
+            assert transaction(bare).startswith(b"452 4.3.1"), "the rewrite did not fit"
+            assert transaction(b"Subject: small\r\n\r\nhello").startswith(b"250 2.0.0 Ok")
+    finally:
+        gateway.stop()
+        subprocess.run(["umount", str(disk)], check=True)
