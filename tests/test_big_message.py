@@ -4,6 +4,7 @@ via a relay and directly to an MX. What arrives must be the same bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
@@ -11,11 +12,13 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import (
     DnsZone,
+    Gateway,
     GatewayFactory,
     Upstreams,
     free_port,
@@ -192,12 +195,10 @@ def test_a_big_message_passes_through_and_the_client_hears_the_upstream(
     gateway.wait_for_state("b@example.com", "delivered")
 
 
-def test_a_full_disk_during_data_gets_452_after_the_final_dot(
-    gateway_factory: GatewayFactory, tmp_path: Path
-) -> None:
-    """The state directory on an 8 MB file system: a 12 MB message cannot be written to
-    its temporary file. The client still sends it to the end, hears 452 4.3.1, and the
-    session goes on: a small message is accepted next."""
+@contextlib.contextmanager
+def gateway_on_a_small_disk(gateway_factory: GatewayFactory, tmp_path: Path) -> Iterator[Gateway]:
+    """A gateway whose state directory is an 8 MB tmpfs (skips where mounting is not
+    allowed); any size of message is let in, and no free space is kept back."""
     disk = tmp_path / "small-disk"
     disk.mkdir()
     mounted = subprocess.run(
@@ -212,14 +213,23 @@ def test_a_full_disk_during_data_gets_452_after_the_final_dot(
         gateway.config_path.write_text(
             text.replace(f'state_dir = "{gateway.state_dir}"', f'state_dir = "{disk}"')
         )
-        gateway.start()
+        yield gateway.start()
+    finally:
+        gateway.stop()
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_full_disk_during_data_gets_452_after_the_final_dot(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    """The state directory on an 8 MB file system: a 12 MB message cannot be written to
+    its temporary file. The client still sends it to the end, hears 452 4.3.1, and the
+    session goes on: a small message is accepted next."""
+    with gateway_on_a_small_disk(gateway_factory, tmp_path) as gateway:
         reply = send_raw(gateway.port, "b@example.com", big_message("b@example.com", 12_000_000))
         assert reply.startswith("452 4.3.1 Insufficient system storage"), reply
         small = big_message("c@example.com", 300_000)
         assert send_raw(gateway.port, "c@example.com", small).startswith("250")
-    finally:
-        gateway.stop()
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def hang_up_after_the_final_dot(port: int, recipient: str, message: bytes) -> None:
@@ -271,22 +281,7 @@ def test_a_line_end_rewrite_that_does_not_fit_gets_452_and_the_session_goes_on(
     """On an 8 MB file system a 5 MB message with bare LFs fits in its temporary file,
     but its copy with the line ends fixed does not: 452, and the next message of the
     same session, a small one, is accepted (nothing of the big one is left behind)."""
-    disk = tmp_path / "small-disk"
-    disk.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.decode().strip()}")
-    gateway = gateway_factory(
-        start=False, server='min_free_space = "0B"\nmax_message_size = "100MB"\n'
-    )
-    try:
-        text = gateway.config_path.read_text()
-        gateway.config_path.write_text(
-            text.replace(f'state_dir = "{gateway.state_dir}"', f'state_dir = "{disk}"')
-        )
-        gateway.start()
+    with gateway_on_a_small_disk(gateway_factory, tmp_path) as gateway:
         bare = b"Subject: bare\r\n\r\n" + b"a line with a bare LF\n in it\r\n" * 170_000
         with socket.create_connection(("127.0.0.1", gateway.port), timeout=120) as sock:
             replies = sock.makefile("rb")
@@ -305,6 +300,3 @@ def test_a_line_end_rewrite_that_does_not_fit_gets_452_and_the_session_goes_on(
             assert replies.readline().startswith(b"250")
             assert transaction(bare).startswith(b"452 4.3.1"), "the rewrite did not fit"
             assert transaction(b"Subject: small\r\n\r\nhello").startswith(b"250 2.0.0 Ok")
-    finally:
-        gateway.stop()
-        subprocess.run(["umount", str(disk)], check=True)
