@@ -1,13 +1,14 @@
 """A/B of the small-message accept rate: this tree against another smtpgate tree.
 
     .venv/bin/python benchmarks/accept_ab.py --baseline DIR [--sessions 50]
-        [--messages 3000] [--reps 4] [--hold] [--state-on /dev/shm]
+        [--messages 3000] [--reps 4] [--rcpts 1] [--hold | --e2e] [--state-on /dev/shm]
 
 Postfix's smtp-source sends 4 KiB messages over `--sessions` connections (each reused,
 -d) to a fresh `smtpgate serve` of each tree in turn, the order alternating between
 repetitions; the route relays with turbo to Postfix's smtp-sink, or with --hold is held,
-so only the accept path runs. `--state-on` puts the spool on another file system (a
-tmpfs takes the disk's flushes out of the measurement). Prints each rate, the medians
+so only the accept path runs. With --e2e the rate is end to end: until smtp-sink has
+received every message (it exits after the last). `--state-on` puts the spool on another
+file system (a tmpfs takes the disk's flushes out of the measurement). Prints each rate, the medians
 and the ratio this/baseline: only ratios from one run compare. Loopback only.
 """
 
@@ -25,8 +26,9 @@ from relay import free_port, gateway, wait_port
 HERE = Path(__file__).resolve().parent
 
 
-def accept_rate(port: int, sessions: int, messages: int) -> float:
+def accept_rate(port: int, sessions: int, messages: int, rcpts: int = 1) -> float:
     argv = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", "4096", "-d"]
+    argv += ["-r", str(rcpts)]
     argv += ["-f", "sender@example.test", "-t", "rcpt@example.test", "-M", "bench.test"]
     started = time.perf_counter()
     subprocess.run([*argv, f"127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
@@ -35,8 +37,9 @@ def accept_rate(port: int, sessions: int, messages: int) -> float:
 
 def one(source: Path, args: argparse.Namespace, workdir: Path) -> float:
     sink_port = free_port()
+    until = ["-M", str(args.messages)] if args.e2e else []
     sink = subprocess.Popen(
-        ["smtp-sink", "-u", "nobody", f"127.0.0.1:{sink_port}", "1024"],
+        ["smtp-sink", "-u", "nobody", *until, f"127.0.0.1:{sink_port}", "1024"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -51,7 +54,12 @@ def one(source: Path, args: argparse.Namespace, workdir: Path) -> float:
         )
         try:
             time.sleep(0.5)  # start-up settles
-            return accept_rate(port, args.sessions, args.messages)
+            started = time.perf_counter()
+            rate = accept_rate(port, args.sessions, args.messages, args.rcpts)
+            if not args.e2e:
+                return rate
+            sink.wait(300)
+            return args.messages / (time.perf_counter() - started)
         finally:
             process.stop()
     finally:
@@ -65,7 +73,10 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--reps", type=int, default=4)
-    parser.add_argument("--hold", action="store_true", help="hold the route: accept only")
+    parser.add_argument("--rcpts", type=int, default=1, help="recipients a message")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--hold", action="store_true", help="hold the route: accept only")
+    modes.add_argument("--e2e", action="store_true", help="time until the sink has all")
     parser.add_argument("--state-on", type=Path, help="a directory for the spools")
     args = parser.parse_args()
     trees = {"this": HERE.parent, "baseline": args.baseline.resolve()}
