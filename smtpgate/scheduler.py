@@ -16,9 +16,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 from smtpgate import clock, crashpoints, logs
 from smtpgate.bounce import Bouncer
+from smtpgate.config import Config
 from smtpgate.delivery.outcome import Outcome, Scope, Verdict
 from smtpgate.delivery.retry import RetryPolicy
 from smtpgate.pacing import RoutePace
+from smtpgate.router import Router
 from smtpgate.spool.base import (
     Delivery,
     JobControl,
@@ -28,15 +30,51 @@ from smtpgate.spool.base import (
     Spool,
 )
 from smtpgate.transports.base import Transport
+from smtpgate.windows import SendingWindows
 
 log = logs.get(__name__)
 
 POLL_SECONDS = 1.0  # also how soon `smtpgate queue retry` from another process takes effect
 MESSAGES_PER_CONNECTION = 2  # leased ahead per connection: the next one is ready at once
+# In the delivery process, whose spool writes wait their turn behind the listener's:
+# enough in hand that a connection never idles while a lease or a result is written.
+MESSAGES_PER_CONNECTION_APART = 8
 # Deliveries per connection in hand at all, counting those whose results are being
-# written: the transport does not wait for the spool's commit before its next message.
-DELIVERIES_PER_CONNECTION = 4
+# written (twice those leased ahead): the transport does not wait for the spool's commit
+# before its next message.
+DELIVERIES_PER_MESSAGE_AHEAD = 2
 SPOOL_RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits after a spool error; the last repeats
+
+
+DRAIN_SECONDS = 10.0  # at shutdown, how long deliveries under way may finish
+
+
+def build_scheduler(
+    config: Config,
+    spool: Spool,
+    transports: Mapping[str, Transport],
+    waiting: Mapping[str, str],
+    *,
+    on_recorded: Callable[[Sequence[RecipientUpdate]], None] | None = None,
+    messages_per_connection: int = MESSAGES_PER_CONNECTION,
+) -> Scheduler:
+    """The scheduler of these transports' routes, with their retry policies, the paces
+    of the track routes among them and the bounces the config asks for."""
+    paces = {
+        name: RoutePace(SendingWindows(route.window, route.timezone), route.rate, POLL_SECONDS)
+        for name, route in config.routes.items()
+        if route.mode == "track" and name in transports
+    }
+    return Scheduler(
+        spool,
+        transports,
+        {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports},
+        waiting,
+        paces,
+        Bouncer(config, Router(config)),
+        on_recorded=on_recorded,
+        messages_per_connection=messages_per_connection,
+    )
 
 
 class Scheduler:
@@ -49,12 +87,16 @@ class Scheduler:
         paces: Mapping[str, RoutePace] | None = None,
         bouncer: Bouncer | None = None,
         on_recorded: Callable[[Sequence[RecipientUpdate]], None] | None = None,
+        messages_per_connection: int = MESSAGES_PER_CONNECTION,
     ) -> None:
         """`transports` and `retry_policies` by route name (routes may share a transport);
         `waiting` names the routes that cannot send, with the reason `smtpgate queue` shows;
         `paces` holds the windows and rates of track routes; `on_recorded` sees every
-        result once it is written (the metrics count them)."""
+        result once it is written (the metrics count them); `messages_per_connection`
+        are leased ahead for each connection a transport may hold."""
         self._spool = spool
+        self._ahead = messages_per_connection
+        self._in_hand = DELIVERIES_PER_MESSAGE_AHEAD * messages_per_connection
         self._on_recorded = on_recorded
         self._paces = dict(paces or {})
         self._bouncer = bouncer
@@ -112,8 +154,8 @@ class Scheduler:
         self._controls = await self._spool.job_controls()
         for group, (transport, routes) in self._groups.items():
             free = min(
-                MESSAGES_PER_CONNECTION * transport.concurrency - len(self._sending_of[group]),
-                DELIVERIES_PER_CONNECTION * transport.concurrency - len(self._in_flight_of[group]),
+                self._ahead * transport.concurrency - len(self._sending_of[group]),
+                self._in_hand * transport.concurrency - len(self._in_flight_of[group]),
             )
             # Leased in batches: while a message per connection is still in hand, wait
             # until as many are free, so one lease query serves many deliveries.

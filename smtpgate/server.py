@@ -13,30 +13,23 @@ import signal
 
 from smtpgate import clock, logs
 from smtpgate.auth import Authenticator, auth_file, auth_warning
-from smtpgate.bounce import Bouncer
 from smtpgate.config import Config
-from smtpgate.delivery.retry import RetryPolicy
+from smtpgate.delivery.process import DeliveryProcess
 from smtpgate.listener import Connections, Handler, protocol_factory, tls_context
-from smtpgate.pacing import RoutePace
 from smtpgate.passthrough import Passthrough
 from smtpgate.policy import RelayPolicy, refuse_open_relay
 from smtpgate.router import Router
-from smtpgate.scheduler import POLL_SECONDS, Scheduler
+from smtpgate.scheduler import DRAIN_SECONDS, Scheduler, build_scheduler
 from smtpgate.spool import SqliteSpool
 from smtpgate.spool.salvage import SalvageReport
 from smtpgate.transports import RelayTransport, Transport
 from smtpgate.transports.build import build_transports, relay_of
-from smtpgate.transports.remote import DeliveryProcess
 from smtpgate.web import Metrics, Monitor, WebServer, build_app
-from smtpgate.windows import SendingWindows
 
 log = logs.get(__name__)
 
 SESSION_GRACE_SECONDS = 10.0  # how long open SMTP sessions may finish at shutdown
-DELIVERY_GRACE_SECONDS = 10.0
-TLS_HANDSHAKE_SECONDS = (
-    10.0  # for ssl:// listeners  # how long deliveries under way may finish at shutdown
-)
+TLS_HANDSHAKE_SECONDS = 10.0  # for ssl:// listeners
 
 
 class StartupError(Exception):
@@ -72,9 +65,9 @@ class Server:
         self._signals = 0
 
     def separate_routes(self) -> list[str]:
-        """The routes whose transports run in the delivery process: all of them when it
-        is on, except those of a relay that a passthrough route uses, whose connection
-        and rate limits must be shared with the listener's live sessions."""
+        """The routes delivered by the delivery process: all of them when it is on,
+        except those of a relay that a passthrough route uses, whose connection and
+        rate limits must be shared with the listener's live sessions."""
         config = self.config
         if config.server.delivery_process == "inline":
             return []
@@ -102,23 +95,35 @@ class Server:
             _log_salvage(spool.salvaged)
         listeners: list[asyncio.Server] = []
         transports: dict[str, Transport] = {}
+        scheduler: Scheduler | None = None
         scheduler_task: asyncio.Task[None] | None = None
+        delivery_process: DeliveryProcess | None = None
         web_server: WebServer | None = None
         try:
             released = await spool.release_leases(clock.now())
             if released:
                 log.warning("released recipients left in flight by a previous run", count=released)
             # 3. The delivery side, built but not started until the listeners are bound;
-            #    its transports in a process of their own where it can have a core.
+            #    in a process of its own where it can have a core.
+            metrics = Metrics(spool, config.spool_path())
+            waiting: dict[str, str] = {}
+            for route in await spool.pending_routes() - set(config.routes):
+                waiting[route] = (
+                    f"waiting: route {route!r} is no longer in the config;"
+                    " add it back to send this mail"
+                )
             separate = self.separate_routes()
             inline = [name for name in config.routes if name not in separate]
             transports = build_transports(config, inline, passwords, spool)
             if separate:
-                delivery_process = DeliveryProcess(config, separate, passwords, spool)
+                delivery_process = DeliveryProcess(
+                    config, separate, passwords, waiting, spool, metrics.count_results
+                )
                 try:
-                    transports |= await delivery_process.start()
+                    await delivery_process.start()
                 except (Exception, asyncio.CancelledError) as error:
                     await delivery_process.close()
+                    delivery_process = None
                     if isinstance(error, asyncio.CancelledError):
                         raise
                     raise StartupError(
@@ -126,33 +131,17 @@ class Server:
                         ' any, is above); [server] delivery_process = "inline" runs'
                         " deliveries in this process instead"
                     ) from None
-            waiting: dict[str, str] = {}
-            for route in await spool.pending_routes() - set(config.routes):
-                waiting[route] = (
-                    f"waiting: route {route!r} is no longer in the config;"
-                    " add it back to send this mail"
-                )
             for transport in set(transports.values()):
                 await transport.start()
-            retry = {name: RetryPolicy.of(*config.retry_policy(name)) for name in transports}
             router = Router(config)
-            paces = {
-                name: RoutePace(
-                    SendingWindows(route.window, route.timezone), route.rate, POLL_SECONDS
+            if inline:
+                scheduler = build_scheduler(
+                    config,
+                    spool,
+                    transports,
+                    {} if separate else waiting,
+                    on_recorded=metrics.count_results,
                 )
-                for name, route in config.routes.items()
-                if route.mode == "track"
-            }
-            metrics = Metrics(spool, config.spool_path())
-            scheduler = Scheduler(
-                spool,
-                transports,
-                retry,
-                waiting,
-                paces,
-                Bouncer(config, router),
-                on_recorded=metrics.count_results,
-            )
             # 4. Monitoring over HTTP, before SMTP: once SMTP answers, so does the API.
             if config.http.listen:
                 web_server = WebServer(build_app(Monitor(config, spool, metrics, token)))
@@ -191,7 +180,10 @@ class Server:
 
             def stored() -> None:
                 metrics.count_accepted()
-                scheduler.wake()
+                if scheduler is not None:
+                    scheduler.wake()
+                if delivery_process is not None:
+                    delivery_process.wake()
 
             handler = Handler(
                 config, spool, router, policy, on_stored=stored, passthrough=passthrough
@@ -233,7 +225,8 @@ class Server:
                     tls="implicit" if address.tls else "starttls" if tls else "none",
                     auth=str(users_file) if users_file is not None else None,
                 )
-            scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
+            if scheduler is not None:
+                scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
             log.info(
                 "ready",
                 state_dir=str(config.state_dir()),
@@ -254,7 +247,8 @@ class Server:
                     await connections.idle.wait()
             # c. let deliveries under way finish, then cancel the rest (they stay leased
             #    and are sent again after the next start);
-            await scheduler.drain(DELIVERY_GRACE_SECONDS)
+            if scheduler is not None:
+                await scheduler.drain(DRAIN_SECONDS)
         finally:
             # d. stop the scheduler and the HTTP server (monitoring stays up while work
             #    drains), then close the spool: everything acknowledged is on disk.
@@ -266,6 +260,8 @@ class Server:
                 listener.close()
             for transport in set(transports.values()):
                 await transport.close()
+            if delivery_process is not None:  # it drains its own deliveries, then exits
+                await delivery_process.close()
             if web_server is not None:
                 await web_server.stop()
             await spool.close()

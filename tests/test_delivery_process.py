@@ -33,7 +33,7 @@ def delivery_process_of(pid: int) -> int:
     workers = [
         child
         for child in children(pid)
-        if b"smtpgate.transports.worker" in Path(f"/proc/{child}/cmdline").read_bytes()
+        if b"smtpgate.delivery.worker" in Path(f"/proc/{child}/cmdline").read_bytes()
     ]
     assert len(workers) == 1, f"expected one delivery process, found {workers}"
     return workers[0]

@@ -246,8 +246,9 @@ class Spool(abc.ABC):
         them) in the same transaction; returns the notices' queue ids."""
 
     @abc.abstractmethod
-    async def release_leases(self, now: float) -> int:
-        """At start: recipients a dead process left `sending` become due now; returns how many."""
+    async def release_leases(self, now: float, routes: Sequence[str] | None = None) -> int:
+        """Recipients a dead process left `sending` (of these routes, or all) become due
+        now; returns how many. At the start, and when the delivery process died."""
 
     @abc.abstractmethod
     async def note_waiting(self, route: str, reason: str) -> int:

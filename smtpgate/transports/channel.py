@@ -1,7 +1,8 @@
 """Channel: calls between the server and its delivery process, over one socket pair.
 
-Either side may call the other (the server asks for deliveries, the delivery process for
-the relay ledger) and many calls are under way at once, each answered by its number.
+Either side may call the other, many calls under way at once, each answered by its
+number, or send a notice that needs no answer (the server's "mail was stored", the
+delivery process's "these results were written").
 Frames are pickles with a length in front: the socket pair joins a process to the child
 it started, never anything that listens, so nothing foreign can write into it.
 """
@@ -49,7 +50,13 @@ class _Cancel:
     number: int  # the caller gave up waiting: the handler need not go on
 
 
+@dataclass(frozen=True, slots=True)
+class _Notice:
+    notice: Any  # news that needs no answer ("mail was stored", "results were written")
+
+
 Handler = Callable[[Any], Awaitable[Any]]
+Listener = Callable[[Any], None]
 
 
 class Channel:
@@ -80,9 +87,15 @@ class Channel:
         finally:
             self._waiting.pop(number, None)
 
-    async def serve(self, handle: Handler) -> None:
-        """Answer the other side's calls with `handle` and deliver the answers to ours,
-        until the other side goes away; then every call still waiting fails."""
+    def notify(self, notice: Any) -> None:
+        """Send news that needs no answer; dropped if the other side is gone."""
+        if not self._closed:
+            self._send(_Notice(notice))
+
+    async def serve(self, handle: Handler, listen: Listener | None = None) -> None:
+        """Answer the other side's calls with `handle`, pass its notices to `listen` and
+        deliver the answers to ours, until the other side goes away; then every call
+        still waiting fails."""
         try:
             while True:
                 try:
@@ -103,6 +116,11 @@ class Channel:
                 elif isinstance(frame, _Cancel):
                     if cancelled := self._handling.get(frame.number):
                         cancelled.cancel()
+                elif isinstance(frame, _Notice) and listen is not None:
+                    try:
+                        listen(frame.notice)
+                    except Exception:  # one bad notice must not end the channel
+                        log.exception("notice failed", notice=type(frame.notice).__name__)
         finally:
             self._closed = True
             for answer in self._waiting.values():
@@ -127,7 +145,7 @@ class Channel:
         if not self._closed:
             self._send(reply)
 
-    def _send(self, frame: _Call | _Reply | _Cancel) -> None:
+    def _send(self, frame: _Call | _Reply | _Cancel | _Notice) -> None:
         if self._writer.is_closing():
             return  # the other side is gone; `serve` fails whatever waits
         payload = pickle.dumps(frame, protocol=pickle.HIGHEST_PROTOCOL)

@@ -1,12 +1,13 @@
-"""Delivery process: the transports run in a child process, so that talking SMTP to the
-upstreams has a CPU core of its own and the listener keeps the other.
+"""Delivery process: the delivery side (scheduler and transports) in a child process, so
+that it has a CPU core, and an interpreter lock, of its own while the listener keeps the
+other.
 
-Between the scheduler and the transports. The scheduler, the spool and every decision
-stay in the server; the child only sends: it gets a leased Delivery and answers with an
-Outcome per recipient, exactly what an in-process transport would return. Its relay
-limits read and write the spool's ledger through the server, so the spool keeps one
-writer. If the child dies, the deliveries it had fail as temporary errors (sent again
-later, as after any crash) and a new child is started.
+Both processes work on the one spool: the listener stores, the child leases, sends and
+records, each through its own connection; the spool's write turn (spool/sqlite.py) hands
+the file from one writer to the other without SQLite's polling. The server tells the
+child when mail was stored; the child tells the server what it recorded, for the
+metrics. If the child dies, the recipients it had leased are released (its deliveries
+under way are sent again, as after any crash) and a new child is started.
 """
 
 from __future__ import annotations
@@ -16,54 +17,45 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from smtpgate import logs
+from smtpgate import clock, logs
 from smtpgate.config import Config
-from smtpgate.delivery.outcome import Outcome
-from smtpgate.spool.base import Delivery
-from smtpgate.transports.base import RelayLedger, Transport
+from smtpgate.spool.base import RecipientUpdate, Spool
 from smtpgate.transports.channel import Channel, ChannelClosedError
 
 log = logs.get(__name__)
 
-START_SECONDS = 30.0  # for the child to import, build and start its transports
-STOP_SECONDS = 15.0  # for the child to finish its QUITs after the channel closes
+START_SECONDS = 30.0  # for the child to import, open the spool and start its transports
+STOP_SECONDS = 15.0  # for the child to drain its deliveries after the channel closes
 RESTART_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)  # waits before starting a dead child again
 STEADY_SECONDS = 60.0  # a child that ran this long died of something new: restart at once
 
 
 @dataclass(frozen=True, slots=True)
 class Setup:
-    """The first call to the child: what it needs to build the same transports."""
+    """The first call to the child: what it needs to build the same delivery side."""
 
     config: Config
     routes: tuple[str, ...]
     passwords: Mapping[str, str | None]
+    waiting: Mapping[str, str]  # routes that cannot send, with the reason (see Scheduler)
     log_level: str
     log_format: logs.Format
 
 
 @dataclass(frozen=True, slots=True)
-class TransportInfo:
-    """A transport the child built, as the scheduler needs to know it."""
-
-    name: str
-    concurrency: int
-    routes: tuple[str, ...]
+class Stored:
+    """Notice to the child: mail was stored, look for due work now."""
 
 
 @dataclass(frozen=True, slots=True)
-class Deliver:
-    delivery: Delivery
+class Recorded:
+    """Notice to the server: results the child wrote, for the metrics."""
 
-
-@dataclass(frozen=True, slots=True)
-class LedgerCall:
-    method: Literal["log_send", "sends_since", "set_relay_status"]
-    args: tuple[Any, ...]
+    updates: tuple[RecipientUpdate, ...]
 
 
 class DeliveryProcess:
@@ -72,37 +64,39 @@ class DeliveryProcess:
         config: Config,
         routes: Collection[str],
         passwords: Mapping[str, str | None],
-        ledger: RelayLedger,
+        waiting: Mapping[str, str],
+        spool: Spool,
+        on_recorded: Callable[[Sequence[RecipientUpdate]], None] | None = None,
     ) -> None:
-        self._setup = Setup(config, tuple(routes), dict(passwords), *logs.settings())
-        self._ledger = ledger
+        self._setup = Setup(config, tuple(routes), dict(passwords), dict(waiting), *logs.settings())
+        self._spool = spool
+        self._on_recorded = on_recorded
         self._channel: Channel | None = None  # the child's that is set up, if any
         self._child: asyncio.subprocess.Process | None = None
-        self._up = asyncio.Event()  # a child is running and set up
         self._closing = False
         self._restarts = 0
         self._started_at = 0.0
+        self._woken = False
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> dict[str, Transport]:
-        """Start the child and return a transport by route for the scheduler. Raises
-        RuntimeError when the child cannot start (its own error is on stderr)."""
-        infos = await self._spawn()
-        transports: dict[str, Transport] = {}
-        for info in infos:
-            remote = RemoteTransport(self, info)
-            transports.update(dict.fromkeys(info.routes, remote))
-        return transports
+    async def start(self) -> None:
+        """Start the child. Raises when it cannot start (its own error is on stderr)."""
+        await self._spawn()
 
-    async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
-        await self._up.wait()  # a child that died is being replaced
-        if self._channel is None:
-            raise ChannelClosedError("the delivery process went away")
-        outcomes: dict[int, Outcome] = await self._channel.call(Deliver(delivery))
-        return outcomes
+    def wake(self) -> None:
+        """Mail was stored: one notice per turn of the event loop, however many came."""
+        if self._woken or self._channel is None:
+            return
+        self._woken = True
+        asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._woken = False
+        if self._channel is not None:
+            self._channel.notify(Stored())
 
     async def close(self) -> None:
-        """Close the channel: the child finishes its QUITs and exits."""
+        """Close the channel: the child drains its deliveries and exits."""
         if self._closing:
             return
         self._closing = True
@@ -120,13 +114,13 @@ class DeliveryProcess:
                     self._child.kill()
                 await self._child.wait()
 
-    async def _spawn(self) -> list[TransportInfo]:
+    async def _spawn(self) -> None:
         ours, theirs = socket.socketpair()
         try:
             self._child = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "smtpgate.transports.worker",
+                "smtpgate.delivery.worker",
                 str(theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
@@ -141,7 +135,7 @@ class DeliveryProcess:
         self._keep(self._watch(channel, self._child))
         try:
             async with asyncio.timeout(START_SECONDS):
-                infos: list[TransportInfo] = await channel.call(self._setup)
+                await channel.call(self._setup)
             if channel.closed:  # it answered, then died at once
                 raise ChannelClosedError("the delivery process exited after starting")
         except (Exception, asyncio.CancelledError):
@@ -150,22 +144,20 @@ class DeliveryProcess:
                 self._child.kill()
             await self._child.wait()
             raise
-        log.info("delivery process started", pid=self._child.pid, transports=len(infos))
+        log.info("delivery process started", pid=self._child.pid, routes=len(self._setup.routes))
         self._started_at = time.monotonic()
         self._channel = channel
-        self._up.set()
-        return infos
 
     async def _watch(self, channel: Channel, child: asyncio.subprocess.Process) -> None:
-        """Serve the child's ledger calls while it runs; start another if it dies."""
+        """Take the child's notices while it runs; when it dies, release what it had
+        leased and start another."""
         try:
-            await channel.serve(self._ledger_call)
+            await channel.serve(self._refuse, self._notice)
         except Exception:  # a frame that cannot be read: the child is as good as dead
             log.exception("the delivery process's channel failed")
             await channel.close()
         if self._closing or channel is not self._channel:
             return  # stopping, or a child that never got set up (its starter says why)
-        self._up.clear()
         self._channel = None
         with contextlib.suppress(ProcessLookupError):
             child.kill()  # it closed the channel but may still be alive: make sure
@@ -180,41 +172,30 @@ class DeliveryProcess:
         self._keep(self._restart())
 
     async def _restart(self) -> None:
+        released = False
         while not self._closing:
             wait = (0.0, *RESTART_SECONDS)[min(self._restarts, len(RESTART_SECONDS))]
             self._restarts += 1
             await asyncio.sleep(wait)
             try:
+                if not released:  # the dead child can no longer write: its leases are free
+                    count = await self._spool.release_leases(clock.now(), self._setup.routes)
+                    released = True
+                    log.warning("released recipients the delivery process had", count=count)
                 await self._spawn()
             except Exception:
                 log.exception("cannot start the delivery process; trying again")
             else:
                 return
 
-    async def _ledger_call(self, request: Any) -> Any:
-        if not isinstance(request, LedgerCall):
-            raise TypeError(f"the delivery process may not ask for {request!r}")
-        return await getattr(self._ledger, request.method)(*request.args)
+    async def _refuse(self, request: Any) -> Any:
+        raise TypeError(f"the delivery process may not ask for {request!r}")
+
+    def _notice(self, notice: Any) -> None:
+        if isinstance(notice, Recorded) and self._on_recorded is not None:
+            self._on_recorded(notice.updates)
 
     def _keep(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-class RemoteTransport:
-    """Stands in the server for a transport that runs in the delivery process."""
-
-    def __init__(self, process: DeliveryProcess, info: TransportInfo) -> None:
-        self.name = info.name
-        self.concurrency = info.concurrency
-        self._process = process
-
-    async def start(self) -> None:
-        """Started in the child already."""
-
-    async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
-        return await self._process.deliver(delivery)
-
-    async def close(self) -> None:
-        await self._process.close()
