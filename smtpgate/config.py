@@ -119,7 +119,7 @@ class ListenAddress(BaseModel):
     """One listening socket, written 'host:port' or '[v6]:port'; an 'ssl://' prefix makes
     it speak TLS from the first byte (implicit TLS, RFC 8314: the submission port 465)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     host: str
     port: int
     tls: bool = False
@@ -164,7 +164,9 @@ def _listen_list(value: object) -> object:
 
 class _Section(BaseModel):
     # coerce_numbers_to_str: SMTPGATE_SERVER__HOSTNAME=123 reads as TOML 123, still a name.
-    model_config = ConfigDict(extra="forbid", frozen=True, coerce_numbers_to_str=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, coerce_numbers_to_str=True, defer_build=True
+    )
 
 
 class ListenerTlsConfig(_Section):
@@ -232,9 +234,10 @@ class ServerConfig(_Section):
     default_route: str = BUILTIN_DIRECT_ROUTE
     # A garbled X-Smtpgate-Send-At: refuse the message at DATA, or send it now and log it.
     invalid_send_at: Literal["refuse", "send_now"] = "refuse"
-    # Where the SMTP client side runs: "inline" in the server's process, "separate" in a
-    # delivery process of its own (another CPU core, 45 MB more memory).
-    delivery_process: Literal["inline", "separate"] = "inline"
+    # Where the delivery side (scheduler and transports) runs: "inline" in the server's
+    # process, "separate" in a delivery process of its own (another CPU core, about 45 MB
+    # more memory), "auto" separate where there are two cores or more.
+    delivery_process: Literal["auto", "inline", "separate"] = "auto"
     tls: ListenerTlsConfig = Field(default_factory=ListenerTlsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
 
@@ -275,7 +278,7 @@ _RATE_WINDOWS = {
 class Rate(BaseModel):
     """At most `count` messages in any `window` seconds, written "30/min"."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     count: int
     window: float
 

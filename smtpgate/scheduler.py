@@ -1,9 +1,9 @@
 """Scheduler: takes due recipients from the spool and hands them to their route's transport.
 
-Between the spool and the transports. It leases work (state `sending`), keeps about two
+Between the spool and the transports. It leases work (state `sending`), keeps a few
 messages in hand per connection a transport may hold (a transport does not wait for the
-results of its last message to be written before it takes the next), and writes every recipient's
-result back through the route's RetryPolicy. Work leased by a process that died is
+results of its last message to be written before it takes the next), and writes every
+recipient's result back through the route's RetryPolicy. Work leased by a process that died is
 released at the next start (`Spool.release_leases`). A spool error never stops it: it
 logs, waits, and tries again, and a result it could not write is kept until it can.
 """

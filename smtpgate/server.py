@@ -69,7 +69,8 @@ class Server:
         except those of a relay that a passthrough route uses, whose connection and
         rate limits must be shared with the listener's live sessions."""
         config = self.config
-        if config.server.delivery_process == "inline":
+        mode = config.server.delivery_process
+        if mode == "inline" or (mode == "auto" and (os.cpu_count() or 1) < 2):
             return []
         live_relays = {relay_of(config, n) for n, r in config.routes.items() if r.passthrough}
         return [name for name in config.routes if relay_of(config, name) not in live_relays]

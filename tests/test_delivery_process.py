@@ -1,4 +1,4 @@
-"""The delivery process: transports in a child of the server, on a core of their own.
+"""The delivery process: the delivery side in a child of the server, on a core of its own.
 
 The channel is tested over a real socket pair; the process itself end to end, through a
 real client, `smtpgate serve` and a real upstream, including its death and Ctrl-C.
@@ -165,14 +165,29 @@ def test_deliveries_run_in_a_process_of_their_own(
     assert attempts and all(e.get("process") == "delivery" for e in attempts)
     assert all("process" not in e for e in gateway.events() if e["event"] == "accepted")
     assert gateway.stop() == 0
-    # The relay's rate ledger lives in the server's spool: the child wrote it through.
+    # The relay's rate ledger lives in the one spool: the child wrote it there.
     with sqlite3.connect(gateway.state_dir / "spool.db") as spool:
         sends = spool.execute("SELECT relay FROM relay_sends").fetchall()
     assert sends == [("upstream",)]
     assert not Path(f"/proc/{child}").exists(), "the delivery process outlived the server"
 
 
-def test_by_default_one_process_does_everything(
+def test_inline_one_process_does_everything(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    upstream = upstreams.start()
+    gateway = gateway_factory(
+        relay_config(upstream.port),
+        server=with_default_route("upstream") + 'delivery_process = "inline"\n',
+    )
+    assert gateway.process is not None
+    send(gateway.port, "bob@example.com")
+    wait_until(lambda: upstream.messages, what="the message at the upstream")
+    assert children(gateway.process.pid) == []
+    assert all("process" not in e for e in gateway.events() if e["event"] == "attempt")
+
+
+def test_by_default_the_delivery_process_runs_where_there_are_two_cores(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:
     upstream = upstreams.start()
@@ -180,8 +195,12 @@ def test_by_default_one_process_does_everything(
     assert gateway.process is not None
     send(gateway.port, "bob@example.com")
     wait_until(lambda: upstream.messages, what="the message at the upstream")
-    assert children(gateway.process.pid) == []
-    assert all("process" not in e for e in gateway.events() if e["event"] == "attempt")
+    workers = [
+        child
+        for child in children(gateway.process.pid)
+        if b"smtpgate.delivery.worker" in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
+    assert len(workers) == (1 if (os.cpu_count() or 1) >= 2 else 0)
 
 
 def test_a_passthrough_relay_stays_with_the_listener(
