@@ -9,6 +9,7 @@ Each test drives the spool inside its own `asyncio.run`, as a server or a CLI wo
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -285,6 +286,23 @@ class TestSpoolContract:
 
         asyncio.run(scenario())
 
+    def test_release_leases_of_some_routes_leaves_the_others_leased(self, spool: Spool) -> None:
+        """A dead delivery process's leases are released; those of the server's own
+        routes, still being sent, are not."""
+
+        async def scenario() -> None:
+            queue_id = await spool.store(message("a@example.org", ("c@example.com", "direct")))
+            await spool.lease_due(["corp", "direct"], T0, 10)
+            assert await spool.release_leases(T0 + 60, ["direct", "gone"]) == 1
+            shown = {r.address: r.state for r in (await view(spool, queue_id)).recipients}
+            assert shown == {
+                "a@example.org": RecipientState.SENDING,
+                "c@example.com": RecipientState.QUEUED,
+            }
+            assert await spool.release_leases(T0 + 61, []) == 0
+
+        asyncio.run(scenario())
+
     def test_release_leases_requeues_what_was_sending(self, spool: Spool) -> None:
         async def scenario() -> None:
             queue_id = await spool.store(
@@ -506,6 +524,32 @@ class TestSqliteSpool:
             asyncio.run(scenario())
         finally:
             asyncio.run(cli.close())
+            asyncio.run(server.close())
+
+    def test_writers_take_turns_and_readers_need_none(self, tmp_path: Path) -> None:
+        """The server and its delivery process both write: a write waits while another
+        writer has the turn and goes on the moment it is given back; a read never waits."""
+        path = tmp_path / "spool.db"
+        server = SqliteSpool.open(path, exclusive=True)
+        other_writer = os.open(f"{path}.turn", os.O_RDWR)
+
+        async def scenario() -> None:
+            first = await server.store(message("a@example.org"))
+            fcntl.flock(other_writer, fcntl.LOCK_EX)
+            try:
+                storing = asyncio.ensure_future(server.store(message("b@example.org")))
+                assert await server.content(first) == CONTENT  # a read goes on
+                await asyncio.sleep(0.3)
+                assert not storing.done(), "a write went on while another writer had the turn"
+            finally:
+                fcntl.flock(other_writer, fcntl.LOCK_UN)
+            second = await storing
+            assert await server.content(second) == CONTENT
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            os.close(other_writer)
             asyncio.run(server.close())
 
     def test_closed_spool_refuses_work(self, tmp_path: Path) -> None:
