@@ -118,7 +118,13 @@ class Server:
             transports = build_transports(config, inline, passwords, spool)
             if separate:
                 delivery_process = DeliveryProcess(
-                    config, separate, passwords, waiting, spool, metrics.count_results
+                    config,
+                    separate,
+                    passwords,
+                    waiting,
+                    spool,
+                    metrics.count_results,
+                    spool_lock=spool.lock_file,
                 )
                 try:
                     await delivery_process.start()
@@ -228,6 +234,8 @@ class Server:
                 )
             if scheduler is not None:
                 scheduler_task = asyncio.create_task(scheduler.run(), name="scheduler")
+            if delivery_process is not None:
+                delivery_process.go()
             log.info(
                 "ready",
                 state_dir=str(config.state_dir()),

@@ -12,6 +12,7 @@ import signal
 import smtplib
 import socket
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,29 @@ def test_ctrl_c_lets_the_delivery_under_way_finish(
     assert [m.rcpt_tos for m in upstream.messages] == [["bob@example.com"]]
     assert gateway.recipients()["bob@example.com"]["state"] == "delivered"
     assert not Path(f"/proc/{child}").exists()
+
+
+def test_a_dead_server_leaves_the_spool_to_its_delivery_process_until_it_finished(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    """The child goes on with what it was sending when the server is killed, and keeps
+    the spool locked meanwhile: a new server, started at once, would otherwise send the
+    same message again."""
+    upstream = upstreams.start(data_delay=2.0)
+    gateway = gateway_factory(relay_config(upstream.port), server=separate("upstream"))
+    assert gateway.process is not None
+    child = delivery_process_of(gateway.process.pid)
+    send(gateway.port, "bob@example.com")
+    wait_until(lambda: upstream.handler.mails, what="the delivery under way")
+    gateway.kill()
+
+    refused = subprocess.run(
+        gateway.command("serve"), capture_output=True, text=True, env=gateway.env, timeout=30
+    )
+    assert refused.returncode != 0
+    assert "in use by smtpgate" in refused.stderr
+    wait_until(lambda: not Path(f"/proc/{child}").exists(), what="the delivery process to finish")
+
+    gateway.start()
+    gateway.wait_for_state("bob@example.com", "delivered")
+    assert [m.rcpt_tos for m in upstream.messages] == [["bob@example.com"]]

@@ -47,6 +47,11 @@ class Setup:
 
 
 @dataclass(frozen=True, slots=True)
+class Go:
+    """Notice to the child: the listeners are up, start delivering."""
+
+
+@dataclass(frozen=True, slots=True)
 class Stored:
     """Notice to the child: mail was stored, look for due work now."""
 
@@ -67,10 +72,16 @@ class DeliveryProcess:
         waiting: Mapping[str, str],
         spool: Spool,
         on_recorded: Callable[[Sequence[RecipientUpdate]], None] | None = None,
+        spool_lock: int | None = None,
     ) -> None:
+        """`spool_lock`, the descriptor of the spool's single-server lock, is inherited
+        by the child: a server that dies leaves the spool locked until the child has
+        finished what it was sending, so a new server cannot send it a second time."""
         self._setup = Setup(config, tuple(routes), dict(passwords), dict(waiting), *logs.settings())
         self._spool = spool
         self._on_recorded = on_recorded
+        self._spool_lock = spool_lock
+        self._going = False  # the listeners are up: a child starts delivering at once
         self._channel: Channel | None = None  # the child's that is set up, if any
         self._child: asyncio.subprocess.Process | None = None
         self._closing = False
@@ -80,8 +91,15 @@ class DeliveryProcess:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        """Start the child. Raises when it cannot start (its own error is on stderr)."""
+        """Start the child, which builds its side but sends nothing until `go`. Raises
+        when it cannot start (its own error is on stderr)."""
         await self._spawn()
+
+    def go(self) -> None:
+        """The listeners are up: deliver (a child started later goes at once)."""
+        self._going = True
+        if self._channel is not None:
+            self._channel.notify(Go())
 
     def wake(self) -> None:
         """Mail was stored: one notice per turn of the event loop, however many came."""
@@ -122,7 +140,10 @@ class DeliveryProcess:
                 "-m",
                 "smtpgate.delivery.worker",
                 str(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
+                pass_fds=(
+                    theirs.fileno(),
+                    *([] if self._spool_lock is None else [self._spool_lock]),
+                ),
                 stdin=asyncio.subprocess.DEVNULL,
             )
         except BaseException:
@@ -147,6 +168,8 @@ class DeliveryProcess:
         log.info("delivery process started", pid=self._child.pid, routes=len(self._setup.routes))
         self._started_at = time.monotonic()
         self._channel = channel
+        if self._going:
+            channel.notify(Go())
 
     async def _watch(self, channel: Channel, child: asyncio.subprocess.Process) -> None:
         """Take the child's notices while it runs; when it dies, release what it had

@@ -5,7 +5,9 @@ the server closes the channel (see process.py).
 It ignores SIGINT and SIGTERM, which a terminal or a service manager sends to every
 process of the group: the server decides when it stops, by closing the channel, so a
 delivery under way is not cut off before the server's own grace period. A server that
-dies closes the channel too: the child drains and exits, never orphaned.
+dies closes the channel too: the child drains and exits, never orphaned, and until it
+has, the spool's single-server lock it inherited keeps a new server from sending the
+same mail again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import structlog
 
 from smtpgate import logs
-from smtpgate.delivery.process import Recorded, Setup, Stored
+from smtpgate.delivery.process import Go, Recorded, Setup, Stored
 from smtpgate.eventloop import new_event_loop
 from smtpgate.scheduler import (
     DRAIN_SECONDS,
@@ -54,8 +56,12 @@ class Worker:
         raise TypeError(f"unknown request {request!r}")
 
     def listen(self, notice: Any) -> None:
-        if isinstance(notice, Stored) and self._scheduler is not None:
+        if self._scheduler is None:
+            return
+        if isinstance(notice, Stored):
             self._scheduler.wake()
+        elif isinstance(notice, Go) and self._running is None:
+            self._running = asyncio.create_task(self._scheduler.run(), name="scheduler")
 
     async def _set_up(self, setup: Setup) -> None:
         logs.configure(setup.log_level, setup.log_format)
@@ -72,7 +78,6 @@ class Worker:
             on_recorded=self._report,
             messages_per_connection=MESSAGES_PER_CONNECTION_APART,
         )
-        self._running = asyncio.create_task(self._scheduler.run(), name="scheduler")
 
     def _report(self, updates: Sequence[RecipientUpdate]) -> None:
         """Results for the server's metrics, gathered for a moment: one notice for many."""

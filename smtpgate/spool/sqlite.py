@@ -182,6 +182,12 @@ class SqliteSpool(Spool):
             raise
         return cls(writer, lock_file, report, reader)
 
+    @property
+    def lock_file(self) -> int | None:
+        """The descriptor holding the single-server lock (an exclusive open only): a
+        child that inherits it keeps the spool locked until it exits too."""
+        return self._lock_file
+
     async def close(self) -> None:
         if self._reader is not self._writer:
             await asyncio.to_thread(self._reader.stop)
