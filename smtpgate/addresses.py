@@ -7,6 +7,7 @@ RFC 5321 4.1.2 for the syntax, RFC 6531 for non-ASCII, RFC 1123 for host names.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from typing import Literal
@@ -48,6 +49,7 @@ def refusal(
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # the same few domains, over and over
 def _valid_domain(domain: str) -> bool:
     if domain.startswith("[") and domain.endswith("]"):
         # RFC 5321 4.1.3: [192.0.2.1] or [IPv6:2001:db8::1], nothing in between.

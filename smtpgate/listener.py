@@ -82,6 +82,7 @@ TEMPORARY_FAILURE = "451 4.3.0 Local error in processing; the message was not ac
 # aiosmtpd parses every address with the email package's header parser and defines a
 # class on each call, a tenth of an accept's CPU; plain_path takes this form directly.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SOURCE_ROUTE = re.compile(r"<\s*@")  # <@relay:user@host>
 _PLAIN_PATH = re.compile(
     rf"<({_ATOM}(?:\.{_ATOM})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?=[^ \t(])|\Z)"
 )
@@ -943,7 +944,7 @@ class GatewaySMTP(SMTP):
     async def _source_route(self, arg: str | None) -> bool:
         """aiosmtpd drops a source route (<@relay:user@host>) silently; refuse it instead,
         as an old way to make a server relay."""
-        if arg and re.search(r"<\s*@", arg):
+        if arg and _SOURCE_ROUTE.search(arg):
             await self.push("553 5.1.0 Source routes are not accepted")
             return True
         return False

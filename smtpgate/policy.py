@@ -8,6 +8,7 @@ whatever the config omits, so startup refuses configurations that would make it 
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from smtpgate.auth import auth_file
@@ -22,12 +23,16 @@ _BROADEST_PUBLIC_PREFIX = {4: 8, 6: 16}
 class RelayPolicy:
     def __init__(self, trusted_networks: list[Network]) -> None:
         self._trusted = list(trusted_networks)
+        self._trusted_ip = functools.lru_cache(maxsize=4096)(self._in_trusted_network)
 
     def may_relay(self, client_ip: str | None, *, user: str | None = None) -> bool:
         """An authenticated user may relay from anywhere (the laptop on the road);
         anyone else only from a trusted network."""
         if user is not None:
             return True
+        return self._trusted_ip(client_ip)  # asked at every RCPT: parsed once per client
+
+    def _in_trusted_network(self, client_ip: str | None) -> bool:
         address = client_address(client_ip)
         if address is None:
             return False
