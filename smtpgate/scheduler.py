@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable, Mapping, Sequence
 
 from smtpgate import clock, crashpoints, logs
@@ -36,9 +37,12 @@ log = logs.get(__name__)
 
 POLL_SECONDS = 1.0  # also how soon `smtpgate queue retry` from another process takes effect
 MESSAGES_PER_CONNECTION = 2  # leased ahead per connection: the next one is ready at once
-# In the delivery process, whose spool writes wait their turn behind the listener's:
-# enough in hand that a connection never idles while a lease or a result is written.
+# In the delivery process, whose spool writes wait their turn behind the listener's, up
+# to this many: enough that a fast connection never idles while a lease is written. It
+# leases what its connections send in AHEAD_SECONDS (measured), never fewer than two, so
+# a slow relay does not have a queue of one campaign's mail leased before a reset.
 MESSAGES_PER_CONNECTION_APART = 8
+AHEAD_SECONDS = 0.05
 # Deliveries per connection in hand at all, counting those whose results are being
 # written (twice those leased ahead): the transport does not wait for the spool's commit
 # before its next message.
@@ -95,8 +99,7 @@ class Scheduler:
         result once it is written (the metrics count them); `messages_per_connection`
         are leased ahead for each connection a transport may hold."""
         self._spool = spool
-        self._ahead = messages_per_connection
-        self._in_hand = DELIVERIES_PER_MESSAGE_AHEAD * messages_per_connection
+        self._most_ahead = messages_per_connection
         self._on_recorded = on_recorded
         self._paces = dict(paces or {})
         self._bouncer = bouncer
@@ -116,6 +119,7 @@ class Scheduler:
         self._sending_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
         self._in_flight_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
         self._group_of = {name: id(t) for name, t in transports.items()}
+        self._seconds_each = dict.fromkeys(self._groups, 0.0)  # a delivery takes (average)
         self._turns = dict.fromkeys(self._groups, 0)  # which route of a transport goes first
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -153,14 +157,23 @@ class Scheduler:
             await self._spool.note_waiting(route, reason)
         self._controls = await self._spool.job_controls()
         for group, (transport, routes) in self._groups.items():
+            ahead = self._ahead(group)
             free = min(
-                self._ahead * transport.concurrency - len(self._sending_of[group]),
-                self._in_hand * transport.concurrency - len(self._in_flight_of[group]),
+                ahead * transport.concurrency - len(self._sending_of[group]),
+                DELIVERIES_PER_MESSAGE_AHEAD * ahead * transport.concurrency
+                - len(self._in_flight_of[group]),
             )
             # Leased in batches: while a message per connection is still in hand, wait
             # until as many are free, so one lease query serves many deliveries.
             if free >= transport.concurrency and not self._stopping:
                 await self._lease_group(group, routes, free, now)
+
+    def _ahead(self, group: int) -> int:
+        """Messages to lease ahead per connection: what it sends in AHEAD_SECONDS."""
+        seconds = self._seconds_each[group]
+        if self._most_ahead <= MESSAGES_PER_CONNECTION or seconds <= 0:
+            return MESSAGES_PER_CONNECTION
+        return max(MESSAGES_PER_CONNECTION, min(self._most_ahead, int(AHEAD_SECONDS / seconds)))
 
     async def _lease_group(
         self,
@@ -276,6 +289,7 @@ class Scheduler:
             if control is not None:  # paused, held or cancelled since it was leased
                 await self._record(delivery, _stopped(delivery, control), clock.now())
                 return
+            started = time.monotonic()
             try:
                 outcomes = await transport.deliver(delivery)
             except asyncio.CancelledError:
@@ -283,6 +297,9 @@ class Scheduler:
             except Exception:  # a bug in a transport must not lose or stall the mail
                 log.exception("transport failed", queue_id=delivery.queue_id, route=delivery.route)
                 outcomes = {}
+            group = self._group_of[delivery.route]
+            took, average = time.monotonic() - started, self._seconds_each[group]
+            self._seconds_each[group] = took if average <= 0 else 0.9 * average + 0.1 * took
         self._sent(delivery.route)
         if any(o.verdict is Verdict.DELIVERED for o in outcomes.values()):
             crashpoints.reached("after_upstream_ok")

@@ -653,8 +653,17 @@ class Gateway:
             pytest.fail(f"smtpgate did not stop on SIGTERM:\n{self.log()}")
 
     def kill(self) -> None:
+        """SIGKILL the server and its delivery process at once, as a power cut would."""
         assert self.process is not None
+        children = [
+            int(child)
+            for task in Path(f"/proc/{self.process.pid}/task").glob("*")
+            for child in (task / "children").read_text().split()
+        ]
         self.process.send_signal(signal.SIGKILL)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         self.process.wait()
 
     def log(self) -> str:

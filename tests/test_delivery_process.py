@@ -289,7 +289,8 @@ def test_a_dead_server_leaves_the_spool_to_its_delivery_process_until_it_finishe
     child = delivery_process_of(gateway.process.pid)
     send(gateway.port, "bob@example.com")
     wait_until(lambda: upstream.handler.mails, what="the delivery under way")
-    gateway.kill()
+    os.kill(gateway.process.pid, signal.SIGKILL)  # the server alone
+    gateway.process.wait()
 
     refused = subprocess.run(
         gateway.command("serve"), capture_output=True, text=True, env=gateway.env, timeout=30

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import smtplib
 import socket
 from collections.abc import Iterator
@@ -435,7 +436,9 @@ def test_killed_at_a_crash_point_loses_nothing(
         reply = ""  # died before it could answer
     client.close()
     assert gateway.process is not None
-    assert gateway.process.wait(15) == 137
+    # 137 from the server's own crash; SIGKILL from its delivery process's, which takes
+    # the server down with it, as the power cut it stands for would.
+    assert gateway.process.wait(15) in (137, -signal.SIGKILL)
     got_250 = reply.startswith("250")
     assert got_250 == (point == "after_upstream_ok")  # 250 only after the commit
 

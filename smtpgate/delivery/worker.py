@@ -13,6 +13,7 @@ same mail again.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 
 import structlog
 
-from smtpgate import logs
+from smtpgate import crashpoints, logs
 from smtpgate.delivery.process import Go, Recorded, Setup, Stored
 from smtpgate.eventloop import new_event_loop
 from smtpgate.scheduler import (
@@ -114,6 +115,7 @@ async def run(fd: int) -> None:
 
 
 def main() -> None:
+    crashpoints.also_kill(os.getppid())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
