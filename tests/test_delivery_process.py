@@ -16,7 +16,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import GatewayFactory, Upstreams, relay_config, wait_until, with_default_route
+from conftest import (
+    Gateway,
+    GatewayFactory,
+    Upstream,
+    Upstreams,
+    relay_config,
+    wait_until,
+    with_default_route,
+)
 
 from smtpgate.transports.channel import Channel, ChannelClosedError, RemoteError
 
@@ -258,17 +266,27 @@ def test_a_killed_delivery_process_is_replaced_and_its_mail_sent_again(
     assert gateway.stop() == 0
 
 
-def test_ctrl_c_lets_the_delivery_under_way_finish(
+def sending_slowly(
     gateway_factory: GatewayFactory, upstreams: Upstreams
-) -> None:
-    """A terminal's Ctrl-C reaches every process of the group: the delivery process
-    ignores it and the server drains, so the message on the wire is not cut off."""
+) -> tuple[Upstream, Gateway, int]:
+    """A gateway whose delivery process is sending bob's message to an upstream that
+    takes two seconds to answer the final dot; and that process's pid."""
     upstream = upstreams.start(data_delay=2.0)
     gateway = gateway_factory(relay_config(upstream.port), server=separate("upstream"))
     assert gateway.process is not None
     child = delivery_process_of(gateway.process.pid)
     send(gateway.port, "bob@example.com")
     wait_until(lambda: upstream.handler.mails, what="the delivery under way")
+    return upstream, gateway, child
+
+
+def test_ctrl_c_lets_the_delivery_under_way_finish(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    """A terminal's Ctrl-C reaches every process of the group: the delivery process
+    ignores it and the server drains, so the message on the wire is not cut off."""
+    upstream, gateway, child = sending_slowly(gateway_factory, upstreams)
+    assert gateway.process is not None
     os.kill(child, signal.SIGINT)
     os.kill(gateway.process.pid, signal.SIGINT)
     assert gateway.process.wait(30) == 0
@@ -283,12 +301,8 @@ def test_a_dead_server_leaves_the_spool_to_its_delivery_process_until_it_finishe
     """The child goes on with what it was sending when the server is killed, and keeps
     the spool locked meanwhile: a new server, started at once, would otherwise send the
     same message again."""
-    upstream = upstreams.start(data_delay=2.0)
-    gateway = gateway_factory(relay_config(upstream.port), server=separate("upstream"))
+    upstream, gateway, child = sending_slowly(gateway_factory, upstreams)
     assert gateway.process is not None
-    child = delivery_process_of(gateway.process.pid)
-    send(gateway.port, "bob@example.com")
-    wait_until(lambda: upstream.handler.mails, what="the delivery under way")
     os.kill(gateway.process.pid, signal.SIGKILL)  # the server alone
     gateway.process.wait()
 
