@@ -40,9 +40,10 @@ MESSAGES_PER_CONNECTION = 2  # leased ahead per connection: the next one is read
 # In the delivery process, whose spool writes wait their turn behind the listener's, up
 # to this many: enough that a fast connection never idles while a lease is written. It
 # leases what its connections send in AHEAD_SECONDS (measured), never fewer than two, so
-# a slow relay does not have a queue of one campaign's mail leased before a reset.
-MESSAGES_PER_CONNECTION_APART = 8
-AHEAD_SECONDS = 0.05
+# a slow relay does not have a queue of one campaign's mail leased before a reset, and
+# mail of another job waits behind at most that much work.
+MESSAGES_PER_CONNECTION_APART = 16
+AHEAD_SECONDS = 0.2
 # Deliveries per connection in hand at all, counting those whose results are being
 # written (twice those leased ahead): the transport does not wait for the spool's commit
 # before its next message.
