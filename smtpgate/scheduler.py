@@ -3,8 +3,8 @@
 Between the spool and the transports. It leases work (state `sending`), keeps a few
 messages in hand per connection a transport may hold (a transport does not wait for the
 results of its last message to be written before it takes the next), and writes every
-recipient's result back through the route's RetryPolicy. Work leased by a process that died is
-released at the next start (`Spool.release_leases`). A spool error never stops it: it
+recipient's result back through the route's RetryPolicy. Work leased by a process that
+died is released at the next start (`Spool.release_leases`). A spool error never stops it: it
 logs, waits, and tries again, and a result it could not write is kept until it can.
 """
 
@@ -49,8 +49,6 @@ AHEAD_SECONDS = 0.2
 # before its next message.
 DELIVERIES_PER_MESSAGE_AHEAD = 2
 SPOOL_RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits after a spool error; the last repeats
-
-
 DRAIN_SECONDS = 10.0  # at shutdown, how long deliveries under way may finish
 
 
