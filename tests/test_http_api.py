@@ -333,7 +333,19 @@ def test_metrics_count_recipients_and_results_and_the_probes_answer(
             if line and not line.startswith("#")
         }
 
-    wait_for(lambda: metrics().get('smtpgate_recipients{state="delivered"}') == 2, 5)
+    def settled() -> bool:
+        # The gauges come from the spool; the results counter from the delivery process,
+        # which tells the server what it recorded a moment after its commit.
+        values = metrics()
+        return (
+            values.get('smtpgate_recipients{state="delivered"}') == 2
+            and sum(
+                v for k, v in values.items() if k.startswith("smtpgate_recipient_results_total")
+            )
+            >= 3
+        )
+
+    wait_for(settled, 5)
     values = metrics()
     assert values['smtpgate_recipients{state="failed"}'] == 1
     assert values['smtpgate_recipients{state="queued"}'] == 0

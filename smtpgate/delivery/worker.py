@@ -82,6 +82,8 @@ class Worker:
 
     def _report(self, updates: Sequence[RecipientUpdate]) -> None:
         """Results for the server's metrics, gathered for a moment: one notice for many."""
+        if not updates:
+            return
         if not self._recorded:
             asyncio.get_running_loop().call_later(REPORT_SECONDS, self._send_report)
         self._recorded.extend(updates)
