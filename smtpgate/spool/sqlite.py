@@ -2,7 +2,10 @@
 
 All statements run on one thread that owns the connection. Operations queued while a
 transaction commits are batched into the next one, so many concurrent SMTP sessions share
-one WAL fsync (group commit) instead of paying one disk flush each.
+one WAL fsync (group commit) instead of paying one disk flush each. Stores queued together
+also share their statements: each statement the thread runs lets go of the interpreter
+lock and must wait to take it back from the busy event loop, and those waits, not SQLite,
+were most of a commit's time while the spool's write turn was held.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import itertools
+import json
 import os
 import queue
 import sqlite3
@@ -46,7 +51,10 @@ from smtpgate.spool.base import (
 T = TypeVar("T")
 log = logs.get(__name__)
 Operation = Callable[[sqlite3.Connection], Any]
-Queued = tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop, bool]
+# An operation that can also run in one go with its queued neighbours of the same kind:
+# (run_many, its argument); run_many takes the arguments and returns the results in order.
+Together = tuple[Callable[[sqlite3.Connection, list[Any]], list[Any]], Any]
+Queued = tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop, bool, Together | None]
 Settled = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 SCHEMA_VERSION = 3
@@ -135,6 +143,7 @@ ID_ATTEMPTS = 8
 LEASE_WINDOW = 5000  # at most this many due recipients looked at to find the oldest-due
 LEASE_ROWS_MIN, LEASE_ROWS_PER_MESSAGE = 100, 20  # the window for a smaller lease
 MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
+ROWS_PER_STATEMENT = 256  # at most 2,560 bound values, far under SQLite's limit
 
 
 class SqliteSpool(Spool):
@@ -199,7 +208,9 @@ class SqliteSpool(Spool):
     # --- writes ---------------------------------------------------------------------
 
     async def store(self, message: NewMessage) -> str:
-        written = self._writer.submit(lambda db: _insert(db, message))
+        # A message held whole is stored with those queued beside it, in shared statements.
+        together = (_insert_many, message) if isinstance(message.content, bytes) else None
+        written = self._writer.submit(lambda db: _insert(db, message), together=together)
         try:
             # Shielded: the writer thread reads a Body's file while it runs, so a caller
             # cancelled meanwhile (its client hung up) must not return and close that
@@ -234,10 +245,14 @@ class SqliteSpool(Spool):
             for job_id, _ in jobs:
                 rows: list[tuple[float, int, str, str]] = []
                 for route in routes:
+                    # A row a message, its oldest due, not a row a recipient: every row
+                    # fetched costs the thread a wait for the interpreter lock.
                     rows += db.execute(
-                        "SELECT next_attempt, id, queue_id, route FROM recipients"
-                        f" WHERE {due} ORDER BY next_attempt, id LIMIT ?",
-                        (job_id, route, now, _window(limit)),
+                        "SELECT min(next_attempt), min(id), queue_id, ? FROM"
+                        " (SELECT next_attempt, id, queue_id FROM recipients"
+                        f" WHERE {due} ORDER BY next_attempt, id LIMIT ?)"
+                        " GROUP BY queue_id ORDER BY 1, 2 LIMIT ?",
+                        (route, job_id, route, now, _window(limit), limit),
                     ).fetchall()
                 picks: dict[tuple[str, str], None] = {}  # oldest due first, once each
                 for _, _, queue_id, route in sorted(rows):
@@ -248,23 +263,30 @@ class SqliteSpool(Spool):
             chosen = [pick for turn in itertools.zip_longest(*candidates) for pick in turn if pick]
             chosen = chosen[:limit]
             names = dict(jobs)
-            grouped: dict[tuple[str, str], list[LeasedRecipient]] = {}
-            jobs_of: dict[tuple[str, str], str] = {}
-            for job_id, (queue_id, route) in chosen:
-                # By message (its index), not by the job's due range: a few rows each.
-                leased = db.execute(
-                    "UPDATE recipients INDEXED BY recipients_of_message SET state = 'sending',"
-                    f" updated_at = ? WHERE queue_id = ? AND {due}"
-                    " RETURNING id, address, attempts",
-                    (now, queue_id, job_id, route, now),
-                ).fetchall()
-                if not leased:
-                    continue
-                grouped[(queue_id, route)] = [
-                    LeasedRecipient(rid, address, attempts)
-                    for rid, address, attempts in sorted(leased)
-                ]
-                jobs_of[(queue_id, route)] = names[job_id]
+            # Deliveries in the order chosen: the jobs' turns.
+            grouped: dict[tuple[str, str], list[LeasedRecipient]] = {p: [] for _, p in chosen}
+            jobs_of = {pick: names[job_id] for job_id, pick in chosen}
+            # The due recipients of the chosen messages, by message (its index), not by
+            # the job's due range; all in one row, then leased in one statement.
+            wanted = json.dumps([[queue_id, job_id, route] for job_id, (queue_id, route) in chosen])
+            (found,) = db.execute(
+                "SELECT json_group_array(json_array(r.queue_id, r.route, r.id, r.address,"
+                " r.attempts)) FROM json_each(?) AS p"
+                " JOIN recipients AS r INDEXED BY recipients_of_message"
+                " ON r.queue_id = json_extract(p.value, '$[0]')"
+                " AND r.job_id = json_extract(p.value, '$[1]')"
+                " AND r.route = json_extract(p.value, '$[2]')"
+                " WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ?",
+                (wanted, now),
+            ).fetchone()
+            leased = sorted(json.loads(found), key=lambda row: row[2])
+            db.execute(
+                "UPDATE recipients SET state = 'sending', updated_at = ?"
+                " WHERE id IN (SELECT value FROM json_each(?))",
+                (now, json.dumps([row[2] for row in leased])),
+            )
+            for queue_id, route, rid, address, attempts in leased:
+                grouped[(queue_id, route)].append(LeasedRecipient(rid, address, attempts))
             served = sorted({job_id for job_id, _ in chosen})
             db.executemany(
                 "UPDATE jobs SET served_at = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
@@ -281,6 +303,8 @@ class SqliteSpool(Spool):
             messages = _fetch_messages(db, {queue_id for queue_id, _ in grouped})
             deliveries = []
             for (queue_id, route), recipients in grouped.items():
+                if not recipients:
+                    continue
                 sender, content, smtputf8, received_at, send_at, client, user = messages[queue_id]
                 deliveries.append(
                     Delivery(
@@ -306,30 +330,7 @@ class SqliteSpool(Spool):
         self, updates: Sequence[RecipientUpdate], now: float, notices: Sequence[NewMessage] = ()
     ) -> list[str]:
         def write(db: sqlite3.Connection) -> list[str]:
-            # A job cancelled while these were on the wire: what went out stays
-            # delivered or failed, what would be tried again is cancelled instead.
-            db.executemany(
-                "UPDATE recipients SET state = CASE WHEN ?1 IN ('queued', 'deferred')"
-                " AND (SELECT control FROM jobs WHERE id = job_id) = 'cancelled'"
-                " THEN 'cancelled' ELSE ?1 END,"
-                " last_reply = coalesce(?2, last_reply),"
-                " next_attempt = ?3, attempts = attempts + ?4, updated_at = ?5,"
-                " via = coalesce(?6, via) WHERE id = ?7 AND state = 'sending'",
-                [
-                    (
-                        u.state.value,
-                        u.reply,
-                        u.next_attempt,
-                        int(u.counts_as_attempt),
-                        now,
-                        u.via,
-                        u.recipient_id,
-                    )
-                    for u in updates
-                ],
-            )
-            ids = [u.recipient_id for u in updates]
-            _settle_jobs(db, _jobs_of(db, ids), now)
+            _record_many(db, [(updates, now)])
             stored = []
             for notice in notices:  # in this transaction: a recorded failure keeps its DSN
                 db.execute("SAVEPOINT notice")
@@ -341,7 +342,9 @@ class SqliteSpool(Spool):
                 db.execute("RELEASE notice")
             return stored
 
-        stored: list[str] = await self._writer.submit(write)
+        # Results without bounces are written with those queued beside them, in one go.
+        together = None if notices else (_record_many, (updates, now))
+        stored: list[str] = await self._writer.submit(write, together=together)
         return stored
 
     async def release_leases(self, now: float, routes: Sequence[str] | None = None) -> int:
@@ -619,6 +622,42 @@ class SqliteSpool(Spool):
         return await self._reader.submit(read, reads_only=True)
 
 
+def _record_many(
+    db: sqlite3.Connection, results: list[tuple[Sequence[RecipientUpdate], float]]
+) -> list[list[str]]:
+    """Results of many deliveries in one UPDATE (and the jobs they finish); the stored
+    bounces of each, none here. A job cancelled while these were on the wire: what went
+    out stays delivered or failed, what would be tried again is cancelled instead."""
+    rows: dict[int, tuple[object, ...]] = {}  # a recipient's first result counts, as in turn
+    for updates, now in results:
+        for u in updates:
+            rows.setdefault(
+                u.recipient_id,
+                (
+                    u.recipient_id,
+                    u.state.value,
+                    u.reply,
+                    u.next_attempt,
+                    int(u.counts_as_attempt),
+                    now,
+                    u.via,
+                ),
+            )
+    for chunk in _in_chunks(list(rows.values())):
+        db.execute(
+            "UPDATE recipients SET state = CASE WHEN r.column2 IN ('queued', 'deferred')"
+            " AND (SELECT control FROM jobs WHERE id = job_id) = 'cancelled'"
+            " THEN 'cancelled' ELSE r.column2 END,"
+            " last_reply = coalesce(r.column3, last_reply), next_attempt = r.column4,"
+            " attempts = attempts + r.column5, updated_at = r.column6,"
+            f" via = coalesce(r.column7, via) FROM (VALUES {_rows(7, len(chunk))}) AS r"
+            " WHERE recipients.id = r.column1 AND state = 'sending'",
+            [value for row in chunk for value in row],
+        )
+    _settle_jobs(db, _jobs_of(db, list(rows)), max(now for _, now in results))
+    return [[] for _ in results]
+
+
 def _open_jobs(db: sqlite3.Connection) -> list[int]:
     return [job_id for (job_id,) in db.execute("SELECT id FROM jobs WHERE finished_at IS NULL")]
 
@@ -697,6 +736,74 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> str:
         rows,
     )
     return queue_id
+
+
+def _insert_many(db: sqlite3.Connection, messages: list[NewMessage]) -> list[str]:
+    """Messages held whole (bytes), stored as `_insert` would store each, in a few
+    statements for all. A queue id taken already, or a named job cancelled, fails them
+    all; the writer then stores each alone, where `_insert` deals with it."""
+    queue_ids = [new_queue_id(message.received_at) for message in messages]
+    _insert_rows(
+        db,
+        "INSERT INTO messages",
+        [
+            (
+                queue_id,
+                m.sender,
+                size_of(m.content),
+                m.received_at,
+                m.client_address,
+                m.helo,
+                m.smtputf8,
+                m.content,
+                m.send_at,
+                m.submitted_by,
+            )
+            for queue_id, m in zip(queue_ids, messages, strict=True)
+        ],
+    )
+    jobs: dict[str, tuple[int, str]] = {}
+    rows = []
+    for queue_id, message in zip(queue_ids, messages, strict=True):
+        due = max(message.received_at, message.send_at or 0.0)
+        for r in message.recipients:
+            name = r.job or day_job(r.route, message.received_at)
+            if name not in jobs:
+                jobs[name] = _join_job(db, name, r, message)
+            job_id, control = jobs[name]
+            state = "sending" if r.leased else "held" if control == "held" else "queued"
+            rows.append((queue_id, r.address, r.route, state, due, message.received_at, job_id))
+    _insert_rows(
+        db,
+        "INSERT INTO recipients (queue_id, address, route, state, next_attempt, updated_at,"
+        " job_id)",
+        rows,
+    )
+    return queue_ids
+
+
+def _insert_rows(db: sqlite3.Connection, into: str, rows: Sequence[tuple[object, ...]]) -> None:
+    for chunk in _in_chunks(rows):
+        db.execute(
+            f"{into} VALUES {_rows(len(chunk[0]), len(chunk))}", [v for r in chunk for v in r]
+        )
+
+
+def _in_chunks(rows: Sequence[T]) -> Generator[Sequence[T], None, None]:
+    """Rows for as few statements as keep each one prepared: a chunk's size is a power of
+    two (at most ROWS_PER_STATEMENT), so SQLite's statement cache holds a few sizes
+    instead of parsing a new statement for every number of rows."""
+    start = 0
+    while start < len(rows):
+        size = min(ROWS_PER_STATEMENT, 1 << (len(rows) - start).bit_length() - 1)
+        yield rows[start : start + size]
+        start += size
+
+
+@functools.lru_cache(maxsize=64)
+def _rows(width: int, size: int) -> str:
+    """Placeholders for `size` rows of `width` values: "(?,?),(?,?)"."""
+    return ",".join(["(" + ",".join("?" * width) + ")"] * size)
 
 
 _Stored = tuple[str, Content, bool, float, float | None, str, str | None]
@@ -934,15 +1041,21 @@ class _Writer:
             self._thread.join()
 
     def submit(
-        self, operation: Callable[[sqlite3.Connection], T], *, reads_only: bool = False
+        self,
+        operation: Callable[[sqlite3.Connection], T],
+        *,
+        reads_only: bool = False,
+        together: Together | None = None,
     ) -> asyncio.Future[T]:
         """Run `operation` in the next transaction. A batch of reads only begins a deferred
-        transaction, so `smtpgate queue` in another process never holds up a write."""
+        transaction, so `smtpgate queue` in another process never holds up a write.
+        `together` runs it with its queued neighbours of the same kind in one go instead;
+        should that fail, each runs alone, so a failing one still fails alone."""
         if not self._thread.is_alive():
             raise RuntimeError("the spool is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((operation, future, loop, reads_only))
+        self._queue.put((operation, future, loop, reads_only, together))
         return future
 
     def _connect(self) -> sqlite3.Connection:
@@ -1018,26 +1131,28 @@ class _Writer:
 
     @staticmethod
     def _run_batch(db: sqlite3.Connection, batch: list[Queued]) -> None:
-        """One transaction, one savepoint per operation: a failing operation fails alone."""
+        """One transaction, one savepoint per operation, or per run of neighbours that go
+        together: a failing operation fails alone."""
         outcomes: list[tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, Any]] = []
         try:
             db.execute("BEGIN" if all(item[3] for item in batch) else "BEGIN IMMEDIATE")
-            for operation, future, loop, _ in batch:
-                db.execute("SAVEPOINT operation")
-                try:
-                    result = operation(db)
-                except Exception as operation_error:
-                    db.execute("ROLLBACK TO operation")
-                    db.execute("RELEASE operation")
-                    outcomes.append((future, loop, None, operation_error))
-                else:
-                    db.execute("RELEASE operation")
-                    outcomes.append((future, loop, result, None))
+            for _, neighbours in itertools.groupby(batch, key=_kind):
+                run = list(neighbours)
+                if len(run) > 1 and (together := run[0][4]) is not None:
+                    run_many, arguments = together[0], [item[4][1] for item in run if item[4]]
+                    results, error = _attempt(db, run_many, arguments)
+                    if error is None:
+                        outcomes += [
+                            (i[1], i[2], r, None) for i, r in zip(run, results, strict=True)
+                        ]
+                        continue
+                for operation, future, loop, _, _ in run:
+                    outcomes.append((future, loop, *_attempt(db, operation)))
             db.execute("COMMIT")
         except Exception as commit_error:  # the commit itself failed (disk full, I/O error)
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
-            outcomes = [(future, loop, None, commit_error) for _, future, loop, _ in batch]
+            outcomes = [(future, loop, None, commit_error) for _, future, loop, _, _ in batch]
         # One wake-up of each waiting loop per batch, not one per operation.
         by_loop: dict[asyncio.AbstractEventLoop, list[Settled]] = {}
         for future, loop, result, error in outcomes:
@@ -1045,6 +1160,27 @@ class _Writer:
         for loop, settled in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed
                 loop.call_soon_threadsafe(_settle, settled)
+
+
+def _kind(item: Queued) -> object:
+    """What neighbours must share to run together: their run_many (None runs alone)."""
+    return item[4][0] if item[4] is not None else item
+
+
+def _attempt(
+    db: sqlite3.Connection, operation: Callable[..., Any], *arguments: Any
+) -> tuple[Any, Exception | None]:
+    """Run `operation(db, *arguments)` in a savepoint: (its result, None), or (None, the
+    error it raised) with its writes undone."""
+    db.execute("SAVEPOINT operation")
+    try:
+        result = operation(db, *arguments)
+    except Exception as error:
+        db.execute("ROLLBACK TO operation")
+        db.execute("RELEASE operation")
+        return None, error
+    db.execute("RELEASE operation")
+    return result, None
 
 
 def _settle(settled: list[Settled]) -> None:
