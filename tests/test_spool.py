@@ -26,7 +26,7 @@ from smtpgate.spool import (
     SpoolLockedError,
     SqliteSpool,
 )
-from smtpgate.spool.base import Delivery, MessageView
+from smtpgate.spool.base import Delivery, JobAction, JobCancelledError, MessageView
 
 T0 = 1_700_000_000.0  # received_at of the first message in most tests
 CONTENT = b"From: app@example.net\r\nSubject: hello\r\n\r\nHi there.\r\n"
@@ -551,6 +551,105 @@ class TestSqliteSpool:
         finally:
             os.close(other_writer)
             asyncio.run(server.close())
+
+    def test_stores_queued_together_still_fail_alone(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Stores queued while another writer has the turn are written together; one
+        that cannot be stored (its named job was cancelled) fails alone, and two that
+        draw the same queue id in the same microsecond are both stored."""
+        monkeypatch.setattr("smtpgate.spool.base.secrets.token_hex", lambda n: "AB" * n)
+        path = tmp_path / "spool.db"
+        spool = SqliteSpool.open(path, exclusive=True)
+        other_writer = os.open(f"{path}.turn", os.O_RDWR)
+
+        def mail(address: str, job: str = "") -> NewMessage:
+            return NewMessage(
+                sender="app@example.net",
+                recipients=[NewRecipient(address, "corp", job=job)],
+                content=CONTENT + address.encode() + b"\r\n",
+                client_address="127.0.0.1",
+                helo="client.example.net",
+                received_at=T0,  # all in the same microsecond: the same queue id first
+            )
+
+        async def scenario() -> None:
+            await spool.store(mail("first@example.org", job="winter"))
+            await spool.control_job("winter", JobAction.CANCEL, T0 + 1)
+            fcntl.flock(other_writer, fcntl.LOCK_EX)
+            try:
+                addresses = [f"r{n}@example.org" for n in range(6)]
+                storing = [asyncio.ensure_future(spool.store(mail(a))) for a in addresses[:3]]
+                late = asyncio.ensure_future(spool.store(mail("late@example.org", job="winter")))
+                storing += [asyncio.ensure_future(spool.store(mail(a))) for a in addresses[3:]]
+                await asyncio.sleep(0.2)
+            finally:
+                fcntl.flock(other_writer, fcntl.LOCK_UN)
+            ids = await asyncio.gather(*storing)
+            with pytest.raises(JobCancelledError, match="'winter' was cancelled"):
+                await late
+            assert len(set(ids)) == len(addresses)
+            for address, queue_id in zip(addresses, ids, strict=True):
+                assert await states(spool, queue_id) == {address: RecipientState.QUEUED}
+                assert await spool.content(queue_id) == CONTENT + address.encode() + b"\r\n"
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            os.close(other_writer)
+            asyncio.run(spool.close())
+
+    def test_results_recorded_together_each_land(self, tmp_path: Path) -> None:
+        """Results queued while another writer has the turn are written together: each
+        recipient gets its own, a job cancelled meanwhile cancels what would be retried,
+        and a job with nothing left to send is finished."""
+        path = tmp_path / "spool.db"
+        spool = SqliteSpool.open(path, exclusive=True)
+        other_writer = os.open(f"{path}.turn", os.O_RDWR)
+
+        async def scenario() -> None:
+            sent = await spool.store(message("ok@example.org", "later@example.org"))
+            winter = NewRecipient("w@example.org", "corp", job="winter")
+            cold = await spool.store(
+                NewMessage("app@example.net", [winter], CONTENT, "127.0.0.1", "c.example.net")
+            )
+            deliveries = {d.queue_id: d for d in await spool.lease_due(["corp"], T0 + 1e9, 10)}
+            ids = {r.address: r.id for d in deliveries.values() for r in d.recipients}
+            await spool.control_job("winter", JobAction.CANCEL, T0 + 1e9)
+            results = [
+                [RecipientUpdate(ids["ok@example.org"], RecipientState.DELIVERED, "250 sent")],
+                [
+                    RecipientUpdate(
+                        ids["later@example.org"], RecipientState.DEFERRED, "451 busy", T0 + 2e9
+                    )
+                ],
+                [RecipientUpdate(ids["w@example.org"], RecipientState.DEFERRED, "451 busy", 0)],
+            ]
+            fcntl.flock(other_writer, fcntl.LOCK_EX)
+            try:
+                recording = [
+                    asyncio.ensure_future(spool.record(updates, T0 + 1e9 + 5))
+                    for updates in results
+                ]
+                await asyncio.sleep(0.2)
+            finally:
+                fcntl.flock(other_writer, fcntl.LOCK_UN)
+            await asyncio.gather(*recording)
+            shown = {r.address: r for r in (await view(spool, sent)).recipients}
+            assert {a: (r.state, r.attempts, r.last_reply) for a, r in shown.items()} == {
+                "ok@example.org": (RecipientState.DELIVERED, 1, "250 sent"),
+                "later@example.org": (RecipientState.DEFERRED, 1, "451 busy"),
+            }
+            assert shown["later@example.org"].next_attempt == T0 + 2e9
+            assert await states(spool, cold) == {"w@example.org": RecipientState.CANCELLED}
+            job = await spool.job("winter")
+            assert job is not None and job.finished_at == T0 + 1e9 + 5
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            os.close(other_writer)
+            asyncio.run(spool.close())
 
     def test_closed_spool_refuses_work(self, tmp_path: Path) -> None:
         spool = SqliteSpool.open(tmp_path / "spool.db")
