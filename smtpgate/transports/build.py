@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING
 
 from smtpgate.config import Config
 from smtpgate.transports.base import RelayLedger, Transport
-from smtpgate.transports.direct import DirectTransport
-from smtpgate.transports.mx import MxResolver
 from smtpgate.transports.relay import RelayTransport
+
+if TYPE_CHECKING:
+    from smtpgate.transports.direct import DirectTransport
 
 
 def relay_of(config: Config, route: str) -> str | None:
@@ -46,6 +48,11 @@ def build_transports(
             transports[name] = relays[relay]
         else:
             if direct is None:
+                # Imported only here: dnspython costs each process 4 MB, and a gateway
+                # that only relays never resolves an MX.
+                from smtpgate.transports.direct import DirectTransport
+                from smtpgate.transports.mx import MxResolver
+
                 direct = DirectTransport(
                     config.direct,
                     MxResolver(config.dns),
