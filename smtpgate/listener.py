@@ -103,6 +103,7 @@ class Handler:
         passthrough: Passthrough | None = None,
     ) -> None:
         self._config = config
+        self._spool_directory = str(config.spool_path().parent)  # asked at every MAIL
         self._spool = spool
         self._router = router
         self._policy = policy
@@ -138,7 +139,7 @@ class Handler:
     ) -> str:
         if refusal := self._refusal(address, "sender", envelope):
             return refusal
-        if (room := _free_space(self._config)) is not None and room < _needed(
+        if (room := _free_space(self._spool_directory)) is not None and room < _needed(
             self._config, mail_options
         ):
             log.warning("refusing mail: the spool's disk is nearly full", free=room)
@@ -519,9 +520,9 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def _free_space(config: Config) -> int | None:
+def _free_space(directory: str) -> int | None:
     try:
-        stats = os.statvfs(config.spool_path().parent)
+        stats = os.statvfs(directory)
     except OSError:
         return None
     return stats.f_bavail * stats.f_frsize
