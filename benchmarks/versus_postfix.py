@@ -20,7 +20,8 @@ of the per-repetition ratios smtpgate/Postfix for:
     another domain) to counting sinks on 127.0.2.1-100. smtpgate resolves the MX
     hosts through a loopback DNS server; Postfix, which asks only the system's
     resolver, gets a transport map to the same addresses instead (no DNS);
-  - smtpgate's peak RSS (VmHWM; server and delivery process summed) in each case.
+  - smtpgate's peak RSS (VmHWM; server and delivery process summed) in each case, and
+    its peak PSS (sampled; summed too), which counts the pages the two share once.
 
 `--baseline DIR` adds a third contender, another smtpgate source tree (for example
 `git archive` of an older commit), so the effect of a change is measured in the same
@@ -133,11 +134,11 @@ format = "json"
             cwd=state,  # not the checkout: `-m` would import smtpgate from there first
         )
 
-    def stop(self) -> float:
-        """Stop it; its peak RSS in MB."""
-        rss = self.process.peak_rss_mb()
+    def stop(self) -> tuple[float, float]:
+        """Stop it; its peak RSS and peak PSS in MB."""
+        rss, pss = self.process.peak_rss_mb(), self.process.peak_pss_mb()
         self.process.stop()
-        return rss
+        return rss, pss
 
 
 def relay_settings(sink_port: int) -> str:
@@ -283,8 +284,8 @@ class Bench:
         try:
             sample = measure(gateway.port)
         finally:
-            rss = gateway.stop()
-        return {**sample, "rss": rss}
+            rss, pss = gateway.stop()
+        return {**sample, "rss": rss, "pss": pss}
 
     def repetition(self) -> None:
         messages = self.args.messages
@@ -458,8 +459,8 @@ def report(bench: Bench, args: argparse.Namespace, seconds: float) -> str:
         "",
         "| case | unit | smtpgate | Postfix | ratio |"
         + (" before | before/Postfix |" if before else "")
-        + " smtpgate peak RSS MB |",
-        "|---|---|---:|---:|---:|" + ("---:|---:|" if before else "") + "---:|",
+        + " smtpgate peak RSS MB | smtpgate peak PSS MB |",
+        "|---|---|---:|---:|---:|" + ("---:|---:|" if before else "") + "---:|---:|",
     ]
     for case, measure, label, unit in ROWS:
         runs = bench.samples.get(case)
@@ -476,6 +477,7 @@ def report(bench: Bench, args: argparse.Namespace, seconds: float) -> str:
                 cells += [f"{statistics.median(ours):.1f}"]
             cells.append(f"{ratio:.2f}")
         cells.append(f"{max(s['rss'] for s in runs['smtpgate']):.0f}")
+        cells.append(f"{max(s['pss'] for s in runs['smtpgate']):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
