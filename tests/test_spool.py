@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -650,6 +651,17 @@ class TestSqliteSpool:
         finally:
             os.close(other_writer)
             asyncio.run(spool.close())
+
+    def test_too_old_an_sqlite_is_named_at_open(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+        monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+        with pytest.raises(sqlite3.NotSupportedError, match=r"SQLite 3\.31\.1 is too old.*3\.35"):
+            SqliteSpool.open(tmp_path / "spool.db", exclusive=True)
+        # Nothing left locked: with a good SQLite the same spool opens.
+        monkeypatch.undo()
+        asyncio.run(SqliteSpool.open(tmp_path / "spool.db", exclusive=True).close())
 
     def test_closed_spool_refuses_work(self, tmp_path: Path) -> None:
         spool = SqliteSpool.open(tmp_path / "spool.db")

@@ -140,6 +140,7 @@ CREATE TABLE IF NOT EXISTS relay_status (
 );
 """
 ID_ATTEMPTS = 8
+MIN_SQLITE = (3, 35, 0)
 LEASE_WINDOW = 5000  # at most this many due recipients looked at to find the oldest-due
 LEASE_ROWS_MIN, LEASE_ROWS_PER_MESSAGE = 100, 20  # the window for a smaller lease
 MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
@@ -1060,6 +1061,11 @@ class _Writer:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        try:
+            _check_sqlite(db)
+        except BaseException:
+            db.close()
+            raise
         db.execute("PRAGMA busy_timeout = 10000")  # the CLI may write while the server runs
         if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
             raise sqlite3.OperationalError(f"{self._path}: cannot switch to WAL mode")
@@ -1160,6 +1166,23 @@ class _Writer:
         for loop, settled in by_loop.items():
             with contextlib.suppress(RuntimeError):  # that loop has closed
                 loop.call_soon_threadsafe(_settle, settled)
+
+
+def _check_sqlite(db: sqlite3.Connection) -> None:
+    """The statements need RETURNING (SQLite 3.35), UPDATE ... FROM (3.33) and the JSON
+    functions: say so at start, not with a syntax error at the first lease."""
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise sqlite3.NotSupportedError(
+            f"SQLite {sqlite3.sqlite_version} is too old; smtpgate needs"
+            f" {'.'.join(map(str, MIN_SQLITE))} or newer (the one Python is linked with)"
+        )
+    try:
+        db.execute("SELECT json_array(1)").fetchone()
+    except sqlite3.OperationalError:
+        raise sqlite3.NotSupportedError(
+            f"SQLite {sqlite3.sqlite_version} was built without its JSON functions,"
+            " which smtpgate needs"
+        ) from None
 
 
 def _kind(item: Queued) -> object:
