@@ -7,6 +7,7 @@ every line ends in CRLF, no NUL, and the trace fields show where the message has
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -159,6 +160,12 @@ def received(
     target = f"\r\n\tfor <{recipient}>" if recipient else ""
     line = (
         f"Received: {source}\r\n\tby {hostname} (smtpgate) with {protocol}{target};"
-        f"\r\n\t{formatdate(when, localtime=True)}\r\n"
+        f"\r\n\t{_trace_date(int(when))}\r\n"
     )
     return line.encode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=4)
+def _trace_date(second: int) -> str:
+    """The date of a trace field: it shows whole seconds, so one formatting a second."""
+    return formatdate(second, localtime=True)

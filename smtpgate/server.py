@@ -123,7 +123,7 @@ class Server:
                     passwords,
                     waiting,
                     spool,
-                    metrics.count_results,
+                    metrics.count_attempts,
                     spool_lock=spool.lock_file,
                 )
                 try:

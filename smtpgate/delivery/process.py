@@ -17,13 +17,13 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from smtpgate import clock, logs
 from smtpgate.config import Config
-from smtpgate.spool.base import RecipientUpdate, Spool
+from smtpgate.spool.base import Spool
 from smtpgate.transports.channel import Channel, ChannelClosedError
 
 log = logs.get(__name__)
@@ -58,9 +58,10 @@ class Stored:
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    """Notice to the server: results the child wrote, for the metrics."""
+    """Notice to the server: attempts the child recorded, by result, for the metrics
+    (counts, not the results themselves: less to pickle on both sides)."""
 
-    updates: tuple[RecipientUpdate, ...]
+    results: dict[str, int]
 
 
 class DeliveryProcess:
@@ -71,7 +72,7 @@ class DeliveryProcess:
         passwords: Mapping[str, str | None],
         waiting: Mapping[str, str],
         spool: Spool,
-        on_recorded: Callable[[Sequence[RecipientUpdate]], None] | None = None,
+        on_recorded: Callable[[Mapping[str, int]], None] | None = None,
         spool_lock: int | None = None,
     ) -> None:
         """`spool_lock`, the descriptor of the spool's single-server lock, is inherited
@@ -216,7 +217,7 @@ class DeliveryProcess:
 
     def _notice(self, notice: Any) -> None:
         if isinstance(notice, Recorded) and self._on_recorded is not None:
-            self._on_recorded(notice.updates)
+            self._on_recorded(notice.results)
 
     def _keep(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)

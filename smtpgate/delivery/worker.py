@@ -13,6 +13,7 @@ same mail again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import socket
@@ -32,7 +33,7 @@ from smtpgate.scheduler import (
     build_scheduler,
 )
 from smtpgate.spool import SqliteSpool
-from smtpgate.spool.base import RecipientUpdate
+from smtpgate.spool.base import RecipientUpdate, attempt_results
 from smtpgate.transports.base import Transport
 from smtpgate.transports.build import build_transports
 from smtpgate.transports.channel import Channel
@@ -49,7 +50,7 @@ class Worker:
         self._transports: dict[str, Transport] = {}
         self._scheduler: Scheduler | None = None
         self._running: asyncio.Task[None] | None = None
-        self._recorded: list[RecipientUpdate] = []
+        self._recorded: collections.Counter[str] = collections.Counter()
 
     async def handle(self, request: Any) -> Any:
         if isinstance(request, Setup):
@@ -82,15 +83,16 @@ class Worker:
 
     def _report(self, updates: Sequence[RecipientUpdate]) -> None:
         """Results for the server's metrics, gathered for a moment: one notice for many."""
-        if not updates:
+        counted = attempt_results(updates)
+        if not counted:
             return
         if not self._recorded:
             asyncio.get_running_loop().call_later(REPORT_SECONDS, self._send_report)
-        self._recorded.extend(updates)
+        self._recorded.update(counted)
 
     def _send_report(self) -> None:
-        updates, self._recorded = tuple(self._recorded), []
-        self._channel.notify(Recorded(updates))
+        results, self._recorded = dict(self._recorded), collections.Counter()
+        self._channel.notify(Recorded(results))
 
     async def close(self) -> None:
         """The server closed the channel: finish what is under way, then stop."""

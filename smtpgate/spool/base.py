@@ -8,10 +8,11 @@ implements `Spool` and passes the same contract tests.
 from __future__ import annotations
 
 import abc
+import collections
 import enum
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from smtpgate.body import Content
@@ -149,6 +150,17 @@ class RecipientUpdate:
     next_attempt: float | None = None
     counts_as_attempt: bool = True
     via: str | None = None  # where it went: host, address, TLS
+
+
+ATTEMPT_RESULTS = (RecipientState.DELIVERED, RecipientState.DEFERRED, RecipientState.FAILED)
+
+
+def attempt_results(updates: Iterable[RecipientUpdate]) -> collections.Counter[str]:
+    """Real attempts by the state they left the recipient in; turns skipped (paused,
+    postponed, cancelled) are not attempts."""
+    return collections.Counter(
+        u.state.value for u in updates if u.counts_as_attempt and u.state in ATTEMPT_RESULTS
+    )
 
 
 @dataclass(frozen=True, slots=True)

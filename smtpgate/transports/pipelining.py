@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 MAX_REPLY_BYTES = 64 * 1024  # a reply longer than this is not SMTP
+_REPLY_LINE = re.compile(rb"\d{3}([ -]|$)")
 
 
 class PipelineBroken(Exception):
@@ -83,7 +84,7 @@ class ReplyReader(asyncio.Protocol):
         while (end := self._buffer.find(b"\n", offset)) >= 0:
             line = bytes(self._buffer[offset : end + 1]).rstrip(b"\r\n")
             offset = end + 1
-            if not re.match(rb"^\d{3}([ -]|$)", line):
+            if not _REPLY_LINE.match(line):
                 self._lost = PipelineBroken(f"malformed reply line {line[:80]!r}")
                 return
             lines.append(line)
@@ -100,6 +101,8 @@ class ReplyReader(asyncio.Protocol):
 
     async def next(self, within: float) -> Reply:
         """The next reply; TimeoutError if none arrives `within` seconds."""
+        if self._replies:  # pipelined replies often come in one packet: no timer needed
+            return self._replies.popleft()
         async with asyncio.timeout(within):
             while not self._replies:
                 if self._lost is not None:

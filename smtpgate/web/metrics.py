@@ -8,19 +8,24 @@ second however many scrapers ask, since every spool read queues behind the write
 from __future__ import annotations
 
 import asyncio
-import collections
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.metrics import disable_created_metrics
 
-from smtpgate.spool.base import JobState, RecipientState, RecipientUpdate, Spool
+from smtpgate.spool.base import (
+    ATTEMPT_RESULTS,
+    JobState,
+    RecipientState,
+    RecipientUpdate,
+    Spool,
+    attempt_results,
+)
 
 SNAPSHOT_SECONDS = 1.0  # spool-derived gauges are at most this old
-COUNTED_RESULTS = (RecipientState.DELIVERED, RecipientState.DEFERRED, RecipientState.FAILED)
 
 # A *_created series per counter says nothing that process_start_time_seconds does not.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it untyped
@@ -47,7 +52,7 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
-        for state in COUNTED_RESULTS:
+        for state in ATTEMPT_RESULTS:
             self._results.labels(state.value)
         self._snapshot = _Snapshot()
         self.registry.register(self._snapshot)
@@ -59,13 +64,11 @@ class Metrics:
         self._accepted.inc()
 
     def count_results(self, updates: Sequence[RecipientUpdate]) -> None:
-        """Results of real attempts; turns skipped (paused, postponed) are not attempts."""
-        counted = collections.Counter(
-            update.state.value
-            for update in updates
-            if update.counts_as_attempt and update.state in COUNTED_RESULTS
-        )
-        for state, count in counted.items():  # a message's ten recipients: one label lookup
+        self.count_attempts(attempt_results(updates))
+
+    def count_attempts(self, results: Mapping[str, int]) -> None:
+        """Attempts by result (see `attempt_results`): one label lookup for many."""
+        for state, count in results.items():
             self._results.labels(state).inc(count)
 
     async def render(self) -> bytes:
