@@ -140,6 +140,9 @@ CREATE TABLE IF NOT EXISTS relay_status (
 );
 """
 ID_ATTEMPTS = 8
+INSERT_RECIPIENTS = (
+    "INSERT INTO recipients (queue_id, address, route, state, next_attempt, updated_at, job_id)"
+)
 MIN_SQLITE = (3, 35, 0)
 LEASE_WINDOW = 5000  # at most this many due recipients looked at to find the oldest-due
 LEASE_ROWS_MIN, LEASE_ROWS_PER_MESSAGE = 100, 20  # the window for a smaller lease
@@ -690,8 +693,7 @@ def _marks(values: Sequence[object]) -> str:
 def _insert(db: sqlite3.Connection, message: NewMessage) -> str:
     """The message and its recipients, under a fresh queue id; returns the id. A Body is
     written into a blob of its size chunk by chunk, never held whole in memory."""
-    content = message.content
-    blob = "?" if isinstance(content, bytes) else "zeroblob(?)"
+    blob = "?" if isinstance(message.content, bytes) else "zeroblob(?)"
     for step in range(ID_ATTEMPTS):
         # Each retry moves the clock part on by 1 µs, so even a stuck random
         # source cannot collide forever.
@@ -699,43 +701,18 @@ def _insert(db: sqlite3.Connection, message: NewMessage) -> str:
         try:
             cursor = db.execute(
                 f"INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, {blob}, ?, ?)",
-                (
-                    queue_id,
-                    message.sender,
-                    size_of(content),
-                    message.received_at,
-                    message.client_address,
-                    message.helo,
-                    message.smtputf8,
-                    content if isinstance(content, bytes) else content.size,
-                    message.send_at,
-                    message.submitted_by,
-                ),
+                _message_row(queue_id, message),
             )
         except sqlite3.IntegrityError:
             continue
         break
     else:
         raise RuntimeError(f"no free queue id after {ID_ATTEMPTS} attempts")
-    if isinstance(content, Body) and cursor.lastrowid is not None:
+    if isinstance(message.content, Body) and cursor.lastrowid is not None:
         with db.blobopen("messages", "content", cursor.lastrowid) as stored:
-            for chunk in content.chunks():
+            for chunk in message.content.chunks():
                 stored.write(chunk)
-    due = max(message.received_at, message.send_at or 0.0)
-    jobs: dict[str, tuple[int, str]] = {}
-    rows = []
-    for r in message.recipients:
-        name = r.job or day_job(r.route, message.received_at)
-        if name not in jobs:
-            jobs[name] = _join_job(db, name, r, message)
-        job_id, control = jobs[name]
-        state = "sending" if r.leased else "held" if control == "held" else "queued"
-        rows.append((queue_id, r.address, r.route, state, due, message.received_at, job_id))
-    db.executemany(
-        "INSERT INTO recipients (queue_id, address, route, state, next_attempt,"
-        " updated_at, job_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
+    _insert_rows(db, INSERT_RECIPIENTS, _recipient_rows(db, queue_id, message, {}))
     return queue_id
 
 
@@ -744,43 +721,49 @@ def _insert_many(db: sqlite3.Connection, messages: list[NewMessage]) -> list[str
     statements for all. A queue id taken already, or a named job cancelled, fails them
     all; the writer then stores each alone, where `_insert` deals with it."""
     queue_ids = [new_queue_id(message.received_at) for message in messages]
-    _insert_rows(
-        db,
-        "INSERT INTO messages",
-        [
-            (
-                queue_id,
-                m.sender,
-                size_of(m.content),
-                m.received_at,
-                m.client_address,
-                m.helo,
-                m.smtputf8,
-                m.content,
-                m.send_at,
-                m.submitted_by,
-            )
-            for queue_id, m in zip(queue_ids, messages, strict=True)
-        ],
-    )
-    jobs: dict[str, tuple[int, str]] = {}
-    rows = []
-    for queue_id, message in zip(queue_ids, messages, strict=True):
-        due = max(message.received_at, message.send_at or 0.0)
-        for r in message.recipients:
-            name = r.job or day_job(r.route, message.received_at)
-            if name not in jobs:
-                jobs[name] = _join_job(db, name, r, message)
-            job_id, control = jobs[name]
-            state = "sending" if r.leased else "held" if control == "held" else "queued"
-            rows.append((queue_id, r.address, r.route, state, due, message.received_at, job_id))
-    _insert_rows(
-        db,
-        "INSERT INTO recipients (queue_id, address, route, state, next_attempt, updated_at,"
-        " job_id)",
-        rows,
-    )
+    stored = list(zip(queue_ids, messages, strict=True))
+    _insert_rows(db, "INSERT INTO messages", [_message_row(*pair) for pair in stored])
+    jobs: dict[str, tuple[int, str]] = {}  # shared: each job is joined once
+    rows = [row for pair in stored for row in _recipient_rows(db, *pair, jobs)]
+    _insert_rows(db, INSERT_RECIPIENTS, rows)
     return queue_ids
+
+
+def _message_row(queue_id: str, message: NewMessage) -> tuple[object, ...]:
+    """A messages row; a Body's content is its size, for a zeroblob it is written into."""
+    content = message.content
+    return (
+        queue_id,
+        message.sender,
+        size_of(content),
+        message.received_at,
+        message.client_address,
+        message.helo,
+        message.smtputf8,
+        content if isinstance(content, bytes) else content.size,
+        message.send_at,
+        message.submitted_by,
+    )
+
+
+def _recipient_rows(
+    db: sqlite3.Connection,
+    queue_id: str,
+    message: NewMessage,
+    jobs: dict[str, tuple[int, str]],
+) -> list[tuple[object, ...]]:
+    """The message's recipients rows (see INSERT_RECIPIENTS), joining each one's job;
+    `jobs` remembers the jobs joined already, by name."""
+    due = max(message.received_at, message.send_at or 0.0)
+    rows: list[tuple[object, ...]] = []
+    for r in message.recipients:
+        name = r.job or day_job(r.route, message.received_at)
+        if name not in jobs:
+            jobs[name] = _join_job(db, name, r, message)
+        job_id, control = jobs[name]
+        state = "sending" if r.leased else "held" if control == "held" else "queued"
+        rows.append((queue_id, r.address, r.route, state, due, message.received_at, job_id))
+    return rows
 
 
 def _insert_rows(db: sqlite3.Connection, into: str, rows: Sequence[tuple[object, ...]]) -> None:
