@@ -9,6 +9,7 @@ Each test drives the spool inside its own `asyncio.run`, as a server or a CLI wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import os
 import sqlite3
@@ -496,6 +497,18 @@ class TestSpoolContract:
 # --- SQLite only ----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def another_writer_has_the_turn(path: Path) -> Iterator[None]:
+    """Hold the spool's write turn as the delivery process or the CLI would: writes queue
+    up meanwhile and go in the next transaction together."""
+    turn = os.open(f"{path}.turn", os.O_RDWR)
+    try:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(turn)  # and with it the lock
+
+
 class TestSqliteSpool:
     def test_exclusive_open_twice_names_the_holder(self, tmp_path: Path) -> None:
         path = tmp_path / "spool.db"
@@ -532,25 +545,20 @@ class TestSqliteSpool:
         writer has the turn and goes on the moment it is given back; a read never waits."""
         path = tmp_path / "spool.db"
         server = SqliteSpool.open(path, exclusive=True)
-        other_writer = os.open(f"{path}.turn", os.O_RDWR)
 
         async def scenario() -> None:
             first = await server.store(message("a@example.org"))
-            fcntl.flock(other_writer, fcntl.LOCK_EX)
-            try:
+            with another_writer_has_the_turn(path):
                 storing = asyncio.ensure_future(server.store(message("b@example.org")))
                 assert await server.content(first) == CONTENT  # a read goes on
                 await asyncio.sleep(0.3)
                 assert not storing.done(), "a write went on while another writer had the turn"
-            finally:
-                fcntl.flock(other_writer, fcntl.LOCK_UN)
             second = await storing
             assert await server.content(second) == CONTENT
 
         try:
             asyncio.run(scenario())
         finally:
-            os.close(other_writer)
             asyncio.run(server.close())
 
     def test_stores_queued_together_still_fail_alone(
@@ -562,7 +570,6 @@ class TestSqliteSpool:
         monkeypatch.setattr("smtpgate.spool.base.secrets.token_hex", lambda n: "AB" * n)
         path = tmp_path / "spool.db"
         spool = SqliteSpool.open(path, exclusive=True)
-        other_writer = os.open(f"{path}.turn", os.O_RDWR)
 
         def mail(address: str, job: str = "") -> NewMessage:
             return NewMessage(
@@ -577,15 +584,12 @@ class TestSqliteSpool:
         async def scenario() -> None:
             await spool.store(mail("first@example.org", job="winter"))
             await spool.control_job("winter", JobAction.CANCEL, T0 + 1)
-            fcntl.flock(other_writer, fcntl.LOCK_EX)
-            try:
+            with another_writer_has_the_turn(path):
                 addresses = [f"r{n}@example.org" for n in range(6)]
                 storing = [asyncio.ensure_future(spool.store(mail(a))) for a in addresses[:3]]
                 late = asyncio.ensure_future(spool.store(mail("late@example.org", job="winter")))
                 storing += [asyncio.ensure_future(spool.store(mail(a))) for a in addresses[3:]]
                 await asyncio.sleep(0.2)
-            finally:
-                fcntl.flock(other_writer, fcntl.LOCK_UN)
             ids = await asyncio.gather(*storing)
             with pytest.raises(JobCancelledError, match="'winter' was cancelled"):
                 await late
@@ -597,7 +601,6 @@ class TestSqliteSpool:
         try:
             asyncio.run(scenario())
         finally:
-            os.close(other_writer)
             asyncio.run(spool.close())
 
     def test_results_recorded_together_each_land(self, tmp_path: Path) -> None:
@@ -606,7 +609,6 @@ class TestSqliteSpool:
         and a job with nothing left to send is finished."""
         path = tmp_path / "spool.db"
         spool = SqliteSpool.open(path, exclusive=True)
-        other_writer = os.open(f"{path}.turn", os.O_RDWR)
 
         async def scenario() -> None:
             sent = await spool.store(message("ok@example.org", "later@example.org"))
@@ -626,15 +628,12 @@ class TestSqliteSpool:
                 ],
                 [RecipientUpdate(ids["w@example.org"], RecipientState.DEFERRED, "451 busy", 0)],
             ]
-            fcntl.flock(other_writer, fcntl.LOCK_EX)
-            try:
+            with another_writer_has_the_turn(path):
                 recording = [
                     asyncio.ensure_future(spool.record(updates, T0 + 1e9 + 5))
                     for updates in results
                 ]
                 await asyncio.sleep(0.2)
-            finally:
-                fcntl.flock(other_writer, fcntl.LOCK_UN)
             await asyncio.gather(*recording)
             shown = {r.address: r for r in (await view(spool, sent)).recipients}
             assert {a: (r.state, r.attempts, r.last_reply) for a, r in shown.items()} == {
@@ -649,7 +648,6 @@ class TestSqliteSpool:
         try:
             asyncio.run(scenario())
         finally:
-            os.close(other_writer)
             asyncio.run(spool.close())
 
     def test_too_old_an_sqlite_is_named_at_open(

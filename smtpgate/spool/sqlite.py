@@ -2,10 +2,10 @@
 
 All statements run on one thread that owns the connection. Operations queued while a
 transaction commits are batched into the next one, so many concurrent SMTP sessions share
-one WAL fsync (group commit) instead of paying one disk flush each. Stores queued together
-also share their statements: each statement the thread runs lets go of the interpreter
-lock and must wait to take it back from the busy event loop, and those waits, not SQLite,
-were most of a commit's time while the spool's write turn was held.
+one WAL fsync (group commit) instead of paying one disk flush each. Stores, and results,
+queued together also share their statements: each statement the thread runs lets go of
+the interpreter lock and must wait to take it back from the busy event loop, and those
+waits, not SQLite, were most of a commit's time while the spool's write turn was held.
 """
 
 from __future__ import annotations
