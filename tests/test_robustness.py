@@ -3,6 +3,7 @@ bursts of connections, and addresses that could not be stored or sent on."""
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
 import socket
 import sqlite3
@@ -44,13 +45,17 @@ def test_a_spool_locked_by_another_process_delays_but_does_not_stop_delivery(
 ) -> None:
     upstream = upstreams.start()
     gateway = gateway_factory(relay_config(upstream.port), server=with_default_route("upstream"))
+    # Due in a moment: what is due is read without the lock, then leased with it.
+    due = (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=0.8)).isoformat()
+    body = f"X-Smtpgate-Send-At: {due}\r\nSubject: s\r\n\r\nb\r\n.\r\n".encode()
+    assert submit(gateway.port, body).startswith("250")
     blocker = sqlite3.connect(gateway.state_dir / "spool.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # longer than the gateway's 10 s busy timeout
-    time.sleep(12)
+    time.sleep(13)
+    assert upstream.messages == []
     blocker.execute("ROLLBACK")
     blocker.close()
 
-    assert submit(gateway.port).startswith("250")
     wait_until(lambda: upstream.messages, timeout=15, what="delivery after the lock")
     assert any(
         e["event"] == "cannot read due work from the spool; trying again" for e in gateway.events()

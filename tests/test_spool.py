@@ -650,6 +650,39 @@ class TestSqliteSpool:
         finally:
             asyncio.run(spool.close())
 
+    def test_a_job_paused_while_its_lease_waits_for_the_turn_is_not_leased(
+        self, tmp_path: Path
+    ) -> None:
+        """A lease reads what is due without the write turn and leases it once it has the
+        turn: a job paused in between (by the CLI, say) keeps its recipients queued, and
+        a job still sending beside it is leased as usual."""
+        path = tmp_path / "spool.db"
+        spool = SqliteSpool.open(path, exclusive=True)
+
+        def mail(address: str, job: str) -> NewMessage:
+            recipient = NewRecipient(address, "corp", job=job)
+            return NewMessage("app@example.net", [recipient], CONTENT, "127.0.0.1", "c.test")
+
+        async def scenario() -> None:
+            paused = await spool.store(mail("p@example.org", job="winter"))
+            sending = await spool.store(mail("s@example.org", job="summer"))
+            with another_writer_has_the_turn(path):
+                leasing = asyncio.ensure_future(spool.lease_due(["corp"], T0 + 1e9, 10))
+                await asyncio.sleep(0.2)  # read already; now waiting for the turn
+                assert not leasing.done()
+                cli = sqlite3.connect(path, isolation_level=None)
+                cli.execute("UPDATE jobs SET control = 'paused' WHERE name = 'winter'")
+                cli.close()
+            leased = await leasing
+            assert [(d.queue_id, d.job) for d in leased] == [(sending, "summer")]
+            assert await states(spool, paused) == {"p@example.org": RecipientState.QUEUED}
+            assert await states(spool, sending) == {"s@example.org": RecipientState.SENDING}
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            asyncio.run(spool.close())
+
     def test_too_old_an_sqlite_is_named_at_open(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

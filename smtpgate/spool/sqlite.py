@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import itertools
@@ -231,104 +232,22 @@ class SqliteSpool(Spool):
     async def lease_due(self, routes: Sequence[str], now: float, limit: int) -> list[Delivery]:
         if not routes or limit <= 0:
             return []
+        # What to lease is read without the write turn; the lease itself is one short
+        # write, which the server's stores need not wait long for.
+        plan = await self._writer.submit(
+            lambda db: _plan_lease(db, routes, now, limit), reads_only=True
+        )
+        if plan is None:
+            return []
+        try:
+            return await self._writer.submit(lambda db: _take_lease(db, plan))
+        except _LeaseRacedError:  # a job paused or a recipient cancelled in between
 
-        def lease(db: sqlite3.Connection) -> list[Delivery]:
-            # Jobs take turns, least recently served first, one message each per round:
-            # a job of a million recipients never starves a small one queued after it.
-            jobs = db.execute(
-                "SELECT id, name FROM jobs WHERE control = 'active' AND finished_at IS NULL"
-                " AND coalesce(send_at, 0) <= ? ORDER BY coalesce(served_at, 0), id",
-                (now,),
-            ).fetchall()
-            # One indexed range per (job, route): (job_id, route, next_attempt) in index
-            # order, so a job of a million due recipients costs `limit` rows, not a scan.
-            due = (
-                "job_id = ? AND route = ? AND state IN ('queued', 'deferred') AND next_attempt <= ?"
-            )
-            candidates = []
-            for job_id, _ in jobs:
-                rows: list[tuple[float, int, str, str]] = []
-                for route in routes:
-                    # A row a message, its oldest due, not a row a recipient: every row
-                    # fetched costs the thread a wait for the interpreter lock.
-                    rows += db.execute(
-                        "SELECT min(next_attempt), min(id), queue_id, ? FROM"
-                        " (SELECT next_attempt, id, queue_id FROM recipients"
-                        f" WHERE {due} ORDER BY next_attempt, id LIMIT ?)"
-                        " GROUP BY queue_id ORDER BY 1, 2 LIMIT ?",
-                        (route, job_id, route, now, _window(limit), limit),
-                    ).fetchall()
-                picks: dict[tuple[str, str], None] = {}  # oldest due first, once each
-                for _, _, queue_id, route in sorted(rows):
-                    picks.setdefault((queue_id, route))
-                    if len(picks) >= limit:
-                        break
-                candidates.append([(job_id, pick) for pick in picks])
-            chosen = [pick for turn in itertools.zip_longest(*candidates) for pick in turn if pick]
-            chosen = chosen[:limit]
-            names = dict(jobs)
-            # Deliveries in the order chosen: the jobs' turns.
-            grouped: dict[tuple[str, str], list[LeasedRecipient]] = {p: [] for _, p in chosen}
-            jobs_of = {pick: names[job_id] for job_id, pick in chosen}
-            # The due recipients of the chosen messages, by message (its index), not by
-            # the job's due range; all in one row, then leased in one statement.
-            wanted = json.dumps([[queue_id, job_id, route] for job_id, (queue_id, route) in chosen])
-            (found,) = db.execute(
-                "SELECT json_group_array(json_array(r.queue_id, r.route, r.id, r.address,"
-                " r.attempts)) FROM json_each(?) AS p"
-                " JOIN recipients AS r INDEXED BY recipients_of_message"
-                " ON r.queue_id = json_extract(p.value, '$[0]')"
-                " AND r.job_id = json_extract(p.value, '$[1]')"
-                " AND r.route = json_extract(p.value, '$[2]')"
-                " WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ?",
-                (wanted, now),
-            ).fetchone()
-            leased = sorted(json.loads(found), key=lambda row: row[2])
-            db.execute(
-                "UPDATE recipients SET state = 'sending', updated_at = ?"
-                " WHERE id IN (SELECT value FROM json_each(?))",
-                (now, json.dumps([row[2] for row in leased])),
-            )
-            for queue_id, route, rid, address, attempts in leased:
-                grouped[(queue_id, route)].append(LeasedRecipient(rid, address, attempts))
-            served = sorted({job_id for job_id, _ in chosen})
-            db.executemany(
-                "UPDATE jobs SET served_at = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
-                [(now, now, job_id) for job_id in served],
-            )
-            started = {  # when the job began sending, moved on by the time it was paused
-                name: at
-                for name, at in db.execute(
-                    "SELECT name, started_at + paused_for FROM jobs"
-                    f" WHERE id IN ({_marks(served)})",
-                    served,
-                )
-            }
-            messages = _fetch_messages(db, {queue_id for queue_id, _ in grouped})
-            deliveries = []
-            for (queue_id, route), recipients in grouped.items():
-                if not recipients:
-                    continue
-                sender, content, smtputf8, received_at, send_at, client, user = messages[queue_id]
-                deliveries.append(
-                    Delivery(
-                        queue_id,
-                        route,
-                        sender,
-                        content,
-                        smtputf8,
-                        received_at,
-                        tuple(recipients),
-                        job=jobs_of[(queue_id, route)],
-                        send_at=send_at,
-                        job_started_at=started[jobs_of[(queue_id, route)]],
-                        client_address=client,
-                        submitted_by=user,
-                    )
-                )
-            return deliveries
+            def read_and_lease(db: sqlite3.Connection) -> list[Delivery]:
+                again = _plan_lease(db, routes, now, limit)
+                return [] if again is None else _take_lease(db, again)
 
-        return await self._writer.submit(lease)
+            return await self._writer.submit(read_and_lease)
 
     async def record(
         self, updates: Sequence[RecipientUpdate], now: float, notices: Sequence[NewMessage] = ()
@@ -660,6 +579,138 @@ def _record_many(
         )
     _settle_jobs(db, _jobs_of(db, list(rows)), max(now for _, now in results))
     return [[] for _ in results]
+
+
+class _LeaseRacedError(Exception):
+    """What a lease plan read changed before it was leased."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeasePlan:
+    """A lease as read, before it is taken: the messages chosen, in the jobs' turns, and
+    their due recipients."""
+
+    now: float
+    chosen: list[tuple[int, tuple[str, str]]]  # (job id, (queue id, route))
+    job_names: dict[int, str]
+    recipients: list[list[Any]]  # [queue id, route, id, address, attempts], by id
+    job_started: dict[int, float]  # by job id: when it began sending, moved on by pauses
+    messages: dict[str, _Stored]
+
+
+def _plan_lease(
+    db: sqlite3.Connection, routes: Sequence[str], now: float, limit: int
+) -> _LeasePlan | None:
+    """Up to `limit` messages with recipients due on `routes`, and all they need to be
+    sent; None when nothing is due. Reads only."""
+    # Jobs take turns, least recently served first, one message each per round:
+    # a job of a million recipients never starves a small one queued after it.
+    jobs = db.execute(
+        "SELECT id, name FROM jobs WHERE control = 'active' AND finished_at IS NULL"
+        " AND coalesce(send_at, 0) <= ? ORDER BY coalesce(served_at, 0), id",
+        (now,),
+    ).fetchall()
+    # One indexed range per (job, route): (job_id, route, next_attempt) in index
+    # order, so a job of a million due recipients costs `limit` rows, not a scan.
+    due = "job_id = ? AND route = ? AND state IN ('queued', 'deferred') AND next_attempt <= ?"
+    candidates = []
+    for job_id, _ in jobs:
+        rows: list[tuple[float, int, str, str]] = []
+        for route in routes:
+            # A row a message, its oldest due, not a row a recipient: every row
+            # fetched costs the thread a wait for the interpreter lock.
+            rows += db.execute(
+                "SELECT min(next_attempt), min(id), queue_id, ? FROM"
+                " (SELECT next_attempt, id, queue_id FROM recipients"
+                f" WHERE {due} ORDER BY next_attempt, id LIMIT ?)"
+                " GROUP BY queue_id ORDER BY 1, 2 LIMIT ?",
+                (route, job_id, route, now, _window(limit), limit),
+            ).fetchall()
+        picks: dict[tuple[str, str], None] = {}  # oldest due first, once each
+        for _, _, queue_id, route in sorted(rows):
+            picks.setdefault((queue_id, route))
+            if len(picks) >= limit:
+                break
+        candidates.append([(job_id, pick) for pick in picks])
+    chosen = [pick for turn in itertools.zip_longest(*candidates) for pick in turn if pick]
+    chosen = chosen[:limit]
+    if not chosen:
+        return None
+    # The due recipients of the chosen messages, by message (its index), not by the
+    # job's due range; all in one row.
+    wanted = json.dumps([[queue_id, job_id, route] for job_id, (queue_id, route) in chosen])
+    (found,) = db.execute(
+        "SELECT json_group_array(json_array(r.queue_id, r.route, r.id, r.address,"
+        " r.attempts)) FROM json_each(?) AS p"
+        " JOIN recipients AS r INDEXED BY recipients_of_message"
+        " ON r.queue_id = json_extract(p.value, '$[0]')"
+        " AND r.job_id = json_extract(p.value, '$[1]')"
+        " AND r.route = json_extract(p.value, '$[2]')"
+        " WHERE r.state IN ('queued', 'deferred') AND r.next_attempt <= ?",
+        (wanted, now),
+    ).fetchone()
+    recipients = sorted(json.loads(found), key=lambda row: row[2])
+    if not recipients:
+        return None
+    served = sorted({job_id for job_id, _ in chosen})
+    job_started = {  # as the lease will set it: a job begins sending at its first lease
+        job_id: at
+        for job_id, at in db.execute(
+            "SELECT id, coalesce(started_at, ?) + paused_for FROM jobs"
+            f" WHERE id IN ({_marks(served)})",
+            (now, *served),
+        )
+    }
+    messages = _fetch_messages(db, {row[0] for row in recipients})
+    return _LeasePlan(now, chosen, dict(jobs), recipients, job_started, messages)
+
+
+def _take_lease(db: sqlite3.Connection, plan: _LeasePlan) -> list[Delivery]:
+    """Lease what `plan` read, in one statement that leases nothing unless every one of its
+    recipients is still due and its job still sending; _LeaseRacedError otherwise."""
+    now = plan.now
+    leased = db.execute(
+        "UPDATE recipients SET state = 'sending', updated_at = ?"
+        " WHERE id IN (SELECT value FROM json_each(?))"
+        " AND state IN ('queued', 'deferred') AND next_attempt <= ?"
+        " AND job_id IN (SELECT id FROM jobs WHERE control = 'active'"
+        " AND finished_at IS NULL AND coalesce(send_at, 0) <= ?)",
+        (now, json.dumps([row[2] for row in plan.recipients]), now, now),
+    ).rowcount
+    if leased != len(plan.recipients):
+        raise _LeaseRacedError
+    db.executemany(
+        "UPDATE jobs SET served_at = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
+        [(now, now, job_id) for job_id in plan.job_started],
+    )
+    # Deliveries in the order chosen: the jobs' turns.
+    grouped: dict[tuple[str, str], list[LeasedRecipient]] = {p: [] for _, p in plan.chosen}
+    for queue_id, route, rid, address, attempts in plan.recipients:
+        grouped[(queue_id, route)].append(LeasedRecipient(rid, address, attempts))
+    job_of = {pick: job_id for job_id, pick in plan.chosen}
+    deliveries = []
+    for (queue_id, route), recipients in grouped.items():
+        if not recipients:
+            continue
+        sender, content, smtputf8, received_at, send_at, client, user = plan.messages[queue_id]
+        job_id = job_of[(queue_id, route)]
+        deliveries.append(
+            Delivery(
+                queue_id,
+                route,
+                sender,
+                content,
+                smtputf8,
+                received_at,
+                tuple(recipients),
+                job=plan.job_names[job_id],
+                send_at=send_at,
+                job_started_at=plan.job_started[job_id],
+                client_address=client,
+                submitted_by=user,
+            )
+        )
+    return deliveries
 
 
 def _open_jobs(db: sqlite3.Connection) -> list[int]:
