@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import logging
 import os
 import re
 import ssl
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AnyStr, BinaryIO, cast
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
 from smtpgate import addresses, clock, crashpoints, data, logs
@@ -49,6 +51,27 @@ from smtpgate.spool.base import (
 )
 
 log = logs.get(__name__)
+
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO}
+
+
+def _sanitized_log_if_written(
+    func: Callable[..., None], msg: AnyStr, *args: Any, **kwargs: Any
+) -> None:
+    """aiosmtpd masks AUTH arguments in each command line it logs, at debug and at info,
+    before its logger says whether it writes that level: two passes a command, under
+    load a few per cent of the event loop, for lines smtpgate never writes (mail.log
+    stays at warning, see logs.configure). Ask the logger first; a line it does write
+    is masked by aiosmtpd as before."""
+    logger = getattr(func, "__self__", None)
+    level = _LOG_LEVELS.get(getattr(func, "__name__", ""))
+    if isinstance(logger, logging.Logger) and level is not None and not logger.isEnabledFor(level):
+        return
+    _aiosmtpd_sanitized_log(func, msg, *args, **kwargs)
+
+
+_aiosmtpd_sanitized_log = aiosmtpd.smtp.sanitized_log
+aiosmtpd.smtp.sanitized_log = _sanitized_log_if_written
 
 # RFC 3463 codes for aiosmtpd's own replies, which carry none (RFC 2034 asks for one on
 # every reply except the greeting, EHLO/HELO and 354).

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import smtplib
 import socket
 import time
 from pathlib import Path
 
+import aiosmtpd.smtp
 import aiosmtplib
 import pytest
 import structlog
@@ -66,6 +68,20 @@ def submit(port: int, body: bytes = b"Subject: s\r\n\r\nb\r\n.\r\n") -> str:
 
 def messages_in_queue(gateway: object) -> int:
     return len(gateway.queue())  # type: ignore[attr-defined]
+
+
+def test_auth_arguments_stay_masked_in_the_command_lines_aiosmtpd_logs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The listener spares aiosmtpd masking command lines its logger would drop; a line
+    it does write (mail.log lowered to debug by hand) still hides the AUTH argument."""
+    mail_log = logging.getLogger("mail.log")
+    line = b"AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n"
+    caplog.set_level(logging.DEBUG, logger="mail.log")
+    for write in (mail_log.debug, mail_log.info):
+        aiosmtpd.smtp.sanitized_log(write, "%r >> %r", ("127.0.0.1", 5), line)
+    assert caplog.text.count("AUTH PLAIN ********") == 2
+    assert "AGFsaWNl" not in caplog.text
 
 
 def test_ehlo_advertises_the_extensions(gateway_factory: GatewayFactory) -> None:
