@@ -124,6 +124,30 @@ def test_next_times_out_when_only_part_of_a_reply_arrives() -> None:
         asyncio.run(reader.next(within=0.05))
 
 
+def test_a_reply_dripping_in_does_not_move_the_deadline_on() -> None:
+    """A server sending a byte now and then, never a whole reply, is given `within`
+    seconds in all, not `within` after each byte."""
+    reader = ReplyReader()
+    drips = 40
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        arrived = 0
+
+        def drip() -> None:
+            nonlocal arrived
+            arrived += 1
+            reader.data_received(b"2")
+
+        for k in range(1, drips + 1):
+            loop.call_later(0.02 * k, drip)
+        with pytest.raises(TimeoutError):
+            await reader.next(within=0.1)
+        return arrived
+
+    assert asyncio.run(run()) < drips
+
+
 def test_a_malformed_line_breaks_the_pipeline() -> None:
     reader = fed(b"hello\r\n")
     with pytest.raises(PipelineBroken, match="malformed reply line"):
