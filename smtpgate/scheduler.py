@@ -140,7 +140,7 @@ class Scheduler:
             except Exception:  # the spool is busy or failing: never give up on the queue
                 wait = SPOOL_RETRY_SECONDS[min(errors, len(SPOOL_RETRY_SECONDS) - 1)]
                 errors += 1
-                log.exception("cannot read due work from the spool; trying again", seconds=wait)
+                log.exception("cannot lease due work from the spool; trying again", seconds=wait)
                 await asyncio.sleep(wait)
                 continue
             errors = 0

@@ -58,8 +58,10 @@ def test_a_spool_locked_by_another_process_delays_but_does_not_stop_delivery(
 
     wait_until(lambda: upstream.messages, timeout=15, what="delivery after the lock")
     assert any(
-        e["event"] == "cannot read due work from the spool; trying again" for e in gateway.events()
+        e["event"] == "cannot lease due work from the spool; trying again" for e in gateway.events()
     )
+    assert submit(gateway.port).startswith("250")  # and what comes after goes on as usual
+    wait_until(lambda: len(upstream.messages) == 2, timeout=15, what="the next delivery")
 
 
 def test_slow_steady_upload_is_not_cut_off_by_the_idle_timer(

@@ -13,12 +13,15 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import smtpgate.spool.sqlite as sqlite_spool
 from smtpgate.spool import (
     NewMessage,
     NewRecipient,
@@ -650,33 +653,64 @@ class TestSqliteSpool:
         finally:
             asyncio.run(spool.close())
 
-    def test_a_job_paused_while_its_lease_waits_for_the_turn_is_not_leased(
-        self, tmp_path: Path
+    @pytest.mark.parametrize("meanwhile", ["paused", "cancelled", "paused and resumed"])
+    def test_a_lease_waiting_for_the_turn_sees_what_the_cli_did_meanwhile(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: str
     ) -> None:
         """A lease reads what is due without the write turn and leases it once it has the
-        turn: a job paused in between (by the CLI, say) keeps its recipients queued, and
-        a job still sending beside it is leased as usual."""
+        turn. A job paused or cancelled in between is not leased (its recipients stay
+        queued, or cancelled); one paused and resumed is, its pause counted in when it
+        began sending; a job still sending beside it is leased as usual."""
         path = tmp_path / "spool.db"
         spool = SqliteSpool.open(path, exclusive=True)
+        planned, raced = threading.Event(), []
+        plan, take = sqlite_spool._plan_lease, sqlite_spool._take_lease
+
+        def planning(*args: Any) -> Any:
+            found = plan(*args)
+            planned.set()
+            return found
+
+        def taking(*args: Any) -> Any:
+            try:
+                return take(*args)
+            except sqlite_spool._LeaseRacedError:
+                raced.append(args)
+                raise
+
+        monkeypatch.setattr(sqlite_spool, "_plan_lease", planning)
+        monkeypatch.setattr(sqlite_spool, "_take_lease", taking)
 
         def mail(address: str, job: str) -> NewMessage:
             recipient = NewRecipient(address, "corp", job=job)
             return NewMessage("app@example.net", [recipient], CONTENT, "127.0.0.1", "c.test")
 
         async def scenario() -> None:
-            paused = await spool.store(mail("p@example.org", job="winter"))
-            sending = await spool.store(mail("s@example.org", job="summer"))
+            winter = await spool.store(mail("w@example.org", job="winter"))
+            summer = await spool.store(mail("s@example.org", job="summer"))
             with another_writer_has_the_turn(path):
                 leasing = asyncio.ensure_future(spool.lease_due(["corp"], T0 + 1e9, 10))
-                await asyncio.sleep(0.2)  # read already; now waiting for the turn
-                assert not leasing.done()
+                assert await asyncio.to_thread(planned.wait, 10)  # read; waits for the turn
                 cli = sqlite3.connect(path, isolation_level=None)
-                cli.execute("UPDATE jobs SET control = 'paused' WHERE name = 'winter'")
+                if meanwhile == "paused and resumed":  # as `smtpgate job resume` counts it
+                    cli.execute("UPDATE jobs SET paused_for = 3600 WHERE name = 'winter'")
+                else:
+                    cli.execute("UPDATE jobs SET control = ? WHERE name = 'winter'", (meanwhile,))
+                if meanwhile == "cancelled":
+                    cli.execute(
+                        "UPDATE recipients SET state = 'cancelled' WHERE queue_id = ?", (winter,)
+                    )
                 cli.close()
-            leased = await leasing
-            assert [(d.queue_id, d.job) for d in leased] == [(sending, "summer")]
-            assert await states(spool, paused) == {"p@example.org": RecipientState.QUEUED}
-            assert await states(spool, sending) == {"s@example.org": RecipientState.SENDING}
+            leased = {d.job: d for d in await leasing}
+            assert leased["summer"].queue_id == summer
+            assert await states(spool, summer) == {"s@example.org": RecipientState.SENDING}
+            if meanwhile == "paused and resumed":
+                assert not raced
+                assert leased["winter"].job_started_at == T0 + 1e9 + 3600
+            else:
+                assert len(raced) == 1 and "winter" not in leased
+                left = RecipientState.QUEUED if meanwhile == "paused" else RecipientState.CANCELLED
+                assert await states(spool, winter) == {"w@example.org": left}
 
         try:
             asyncio.run(scenario())

@@ -594,7 +594,6 @@ class _LeasePlan:
     chosen: list[tuple[int, tuple[str, str]]]  # (job id, (queue id, route))
     job_names: dict[int, str]
     recipients: list[list[Any]]  # [queue id, route, id, address, attempts], by id
-    job_started: dict[int, float]  # by job id: when it began sending, moved on by pauses
     messages: dict[str, _Stored]
 
 
@@ -652,22 +651,13 @@ def _plan_lease(
     recipients = sorted(json.loads(found), key=lambda row: row[2])
     if not recipients:
         return None
-    served = sorted({job_id for job_id, _ in chosen})
-    job_started = {  # as the lease will set it: a job begins sending at its first lease
-        job_id: at
-        for job_id, at in db.execute(
-            "SELECT id, coalesce(started_at, ?) + paused_for FROM jobs"
-            f" WHERE id IN ({_marks(served)})",
-            (now, *served),
-        )
-    }
     messages = _fetch_messages(db, {row[0] for row in recipients})
-    return _LeasePlan(now, chosen, dict(jobs), recipients, job_started, messages)
+    return _LeasePlan(now, chosen, dict(jobs), recipients, messages)
 
 
 def _take_lease(db: sqlite3.Connection, plan: _LeasePlan) -> list[Delivery]:
-    """Lease what `plan` read, in one statement that leases nothing unless every one of its
-    recipients is still due and its job still sending; _LeaseRacedError otherwise."""
+    """Lease what `plan` read, if every one of its recipients is still due and its job
+    still sending; else _LeaseRacedError, and the caller rolls back what this wrote."""
     now = plan.now
     leased = db.execute(
         "UPDATE recipients SET state = 'sending', updated_at = ?"
@@ -679,9 +669,13 @@ def _take_lease(db: sqlite3.Connection, plan: _LeasePlan) -> list[Delivery]:
     ).rowcount
     if leased != len(plan.recipients):
         raise _LeaseRacedError
-    db.executemany(
-        "UPDATE jobs SET served_at = ?, started_at = coalesce(started_at, ?) WHERE id = ?",
-        [(now, now, job_id) for job_id in plan.job_started],
+    served = sorted({job_id for job_id, _ in plan.chosen})
+    started = dict(  # when each job began sending, moved on by the time it spent paused
+        db.execute(
+            "UPDATE jobs SET served_at = ?, started_at = coalesce(started_at, ?)"
+            " WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, started_at + paused_for",
+            (now, now, json.dumps(served)),
+        ).fetchall()
     )
     # Deliveries in the order chosen: the jobs' turns.
     grouped: dict[tuple[str, str], list[LeasedRecipient]] = {p: [] for _, p in plan.chosen}
@@ -705,7 +699,7 @@ def _take_lease(db: sqlite3.Connection, plan: _LeasePlan) -> list[Delivery]:
                 tuple(recipients),
                 job=plan.job_names[job_id],
                 send_at=send_at,
-                job_started_at=plan.job_started[job_id],
+                job_started_at=started[job_id],
                 client_address=client,
                 submitted_by=user,
             )
@@ -1176,16 +1170,19 @@ class _Writer:
         no savepoint: the transaction is its savepoint (two statements fewer, and each
         statement is a wait for the interpreter lock)."""
         begin = "BEGIN" if all(item[3] for item in batch) else "BEGIN IMMEDIATE"
-        outcomes = _run_unit(db, begin, batch)
-        if outcomes is not None:
-            _settle_outcomes(outcomes)
-            return
+        shared = True  # neighbours that go together run in one go
+        if _one_unit(batch):
+            outcomes = _run_unit(db, begin, batch)
+            if outcomes is not None:
+                _settle_outcomes(outcomes)
+                return
+            shared = False  # they failed together: now each runs alone
         outcomes = []
         try:
             db.execute(begin)
             for _, neighbours in itertools.groupby(batch, key=_kind):
                 run = list(neighbours)
-                if len(run) > 1 and (together := run[0][4]) is not None:
+                if shared and len(run) > 1 and (together := run[0][4]) is not None:
                     run_many, arguments = together[0], [item[4][1] for item in run if item[4]]
                     results, error = _attempt(db, run_many, arguments)
                     if error is None:
@@ -1206,27 +1203,41 @@ class _Writer:
 Outcome = tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, BaseException | None]
 
 
+def _one_unit(batch: list[Queued]) -> bool:
+    """One operation, or neighbours that all run together."""
+    together = batch[0][4]
+    return len(batch) == 1 or (
+        together is not None and all(_kind(item) is together[0] for item in batch)
+    )
+
+
 def _run_unit(db: sqlite3.Connection, begin: str, batch: list[Queued]) -> list[Outcome] | None:
-    """A batch of one operation, or of neighbours that all run together, in a transaction
-    of its own; None when the batch is more than that, or when those neighbours failed
-    together (then each must run alone, in savepoints)."""
-    run_many = batch[0][4][0] if batch[0][4] is not None else None
-    if len(batch) > 1 and (run_many is None or any(_kind(i) is not run_many for i in batch)):
-        return None
+    """A batch that is one unit (see _one_unit) in a transaction of its own, without a
+    savepoint; None when neighbours that ran together failed, so each must run alone. A
+    BEGIN or COMMIT that fails (the spool busy, the disk full) fails them all at once."""
     try:
         db.execute(begin)
-        if run_many is None or len(batch) == 1:
+    except Exception as error:
+        return [(item[1], item[2], None, error) for item in batch]
+    try:
+        together = batch[0][4]
+        if len(batch) == 1 or together is None:
             results = [batch[0][0](db)]
         else:
-            results = run_many(db, [item[4][1] for item in batch if item[4]])
+            results = together[0](db, [item[4][1] for item in batch if item[4]])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{len(results)} results for {len(batch)} operations")
+    except Exception as error:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        return None if len(batch) > 1 else [(batch[0][1], batch[0][2], None, error)]
+    try:
         db.execute("COMMIT")
     except Exception as error:
         with contextlib.suppress(sqlite3.Error):
             db.execute("ROLLBACK")
-        if len(batch) > 1:
-            return None
-        return [(batch[0][1], batch[0][2], None, error)]
-    return [(i[1], i[2], r, None) for i, r in zip(batch, results, strict=True)]
+        return [(item[1], item[2], None, error) for item in batch]
+    return [(item[1], item[2], r, None) for item, r in zip(batch, results, strict=True)]
 
 
 def _settle_outcomes(outcomes: list[Outcome]) -> None:
