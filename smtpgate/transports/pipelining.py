@@ -100,11 +100,13 @@ class ReplyReader(asyncio.Protocol):
         return self._lost is not None
 
     async def next(self, within: float) -> Reply:
-        """The next reply; TimeoutError if none arrives `within` seconds. A bare future
-        and one timer: asyncio.timeout and an Event cost the delivery process several
-        per cent of its loop, with a wait for every message's replies."""
+        """The next reply; TimeoutError if none arrives `within` seconds. One caller at a
+        time. A bare future and one timer: asyncio.timeout and an Event cost the delivery
+        process several per cent of its loop, with a wait for every message's replies."""
         if self._replies:  # pipelined replies often come in one packet: no timer needed
             return self._replies.popleft()
+        if self._waiter is not None:
+            raise RuntimeError("another caller is waiting for the next reply")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + within
         while not self._replies:
