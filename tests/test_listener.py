@@ -70,16 +70,27 @@ def messages_in_queue(gateway: object) -> int:
     return len(gateway.queue())  # type: ignore[attr-defined]
 
 
-def test_auth_arguments_stay_masked_in_the_command_lines_aiosmtpd_logs(
-    caplog: pytest.LogCaptureFixture,
+def test_command_lines_aiosmtpd_would_not_log_are_not_masked_and_logged_ones_are(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The listener spares aiosmtpd masking command lines its logger would drop; a line
-    it does write (mail.log lowered to debug by hand) still hides the AUTH argument."""
+    """The listener spares aiosmtpd masking command lines its logger drops (mail.log
+    stays at warning); a line it does write (mail.log lowered to debug by hand) still
+    hides the AUTH argument."""
+    masked: list[bytes] = []
+    mask = aiosmtpd.smtp.sanitize
+    monkeypatch.setattr(aiosmtpd.smtp, "sanitize", lambda text: masked.append(text) or mask(text))
     mail_log = logging.getLogger("mail.log")
     line = b"AUTH PLAIN AGFsaWNlAHMzY3JldA==\r\n"
+    caplog.set_level(logging.WARNING, logger="mail.log")
+    for write in (mail_log.debug, mail_log.info):
+        aiosmtpd.smtp.sanitized_log(write, "%r >> %r", ("127.0.0.1", 5), line)
+    assert masked == []
+    assert caplog.text == ""
+
     caplog.set_level(logging.DEBUG, logger="mail.log")
     for write in (mail_log.debug, mail_log.info):
         aiosmtpd.smtp.sanitized_log(write, "%r >> %r", ("127.0.0.1", 5), line)
+    assert masked == [line, line]
     assert caplog.text.count("AUTH PLAIN ********") == 2
     assert "AGFsaWNl" not in caplog.text
 
