@@ -4,8 +4,9 @@
 
 installs Debian's postfix package (it ships Postfix's own load generator `smtp-source`
 and sink `smtp-sink`), configures a loopback-only Postfix with postfix_bench.sh, and
-measures smtpgate and Postfix in alternating repetitions (smtpgate, then Postfix, case
-by case). It prints, as a Markdown table, medians over the repetitions and the median
+measures smtpgate and Postfix case by case, in repetitions whose order moves on by one
+each time (whoever runs right after Postfix shares the machine with the tail of its
+work). It prints, as a Markdown table, medians over the repetitions and the median
 of the per-repetition ratios smtpgate/Postfix for:
 
   - durable accept (250 replies per second) and end to end (messages the sink
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import importlib.metadata
 import os
 import platform
@@ -287,59 +289,71 @@ class Bench:
             rss, pss = gateway.stop()
         return {**sample, "rss": rss, "pss": pss}
 
-    def repetition(self) -> None:
-        messages = self.args.messages
-        cases = [c for c in SOURCE_CASES if c[0] in self.args.cases or "all" in self.args.cases]
-        for case in cases:
-            for who, source in self.contenders.items():
-                sink_port = free_port()
-                self.note(
-                    case[0],
-                    who,
-                    self.gateway_run(
-                        source,
-                        relay_settings(sink_port),
-                        lambda port, sink_port=sink_port, case=case: source_case(
-                            port, sink_port, case, messages
-                        ),
-                    ),
-                )
-            postfix_flush()
-            self.note(case[0], "postfix", source_case(POSTFIX_IN, POSTFIX_OUT, case, messages))
-        if {"latency", "all"} & set(self.args.cases):
-            for who, source in self.contenders.items():
-                sink_port = free_port()
-                self.note(
-                    "latency",
-                    who,
-                    self.gateway_run(
-                        source,
-                        relay_settings(sink_port),
-                        lambda port, sink_port=sink_port: latency_case(port, sink_port, messages),
-                    ),
-                )
-            postfix_flush()
-            self.note("latency", "postfix", latency_case(POSTFIX_IN, POSTFIX_OUT, messages))
-        if {"paced", "all"} & set(self.args.cases):
+    def run_case(
+        self,
+        case: str,
+        rep: int,
+        measure: Callable[[int, int], Sample],
+        settings: Callable[[int], str] = relay_settings,
+        default_route: str = "sink",
+        postfix_port: int = POSTFIX_OUT,
+    ) -> None:
+        """`measure(listening port, sink port)` for every contender, in an order that moves
+        on by one each repetition: whoever runs right after Postfix shares the machine
+        with the tail of its work (its queue manager and logging), and nobody must always
+        be that one."""
+        who = [*self.contenders, "postfix"]
+        shift = rep % len(who)
+        for name in who[shift:] + who[:shift]:
+            if name == "postfix":
+                postfix_flush()
+                self.note(case, name, measure(POSTFIX_IN, postfix_port))
+                continue
+            sink_port = free_port()
+
+            def measured(port: int, sink_port: int = sink_port) -> Sample:
+                return measure(port, sink_port)
+
+            self.note(
+                case,
+                name,
+                self.gateway_run(
+                    self.contenders[name], settings(sink_port), measured, default_route
+                ),
+            )
+
+    def repetition(self, rep: int) -> None:
+        messages, wanted = self.args.messages, set(self.args.cases)
+        for case in [c for c in SOURCE_CASES if c[0] in wanted or "all" in wanted]:
+            self.run_case(
+                case[0],
+                rep,
+                functools.partial(source_case, case=case, messages=messages),
+            )
+        if {"latency", "all"} & wanted:
+            self.run_case(
+                "latency", rep, lambda port, sink_port: latency_case(port, sink_port, messages)
+            )
+        if {"paced", "all"} & wanted:
             paced, rate = self.args.paced_messages, self.args.paced_rate
-            for who, source in self.contenders.items():
-                sink_port = free_port()
-                self.note(
-                    "paced",
-                    who,
-                    self.gateway_run(
-                        source,
-                        relay_settings(sink_port),
-                        lambda port, sink_port=sink_port: latency_case(
-                            port, sink_port, paced, rate
-                        ),
-                    ),
-                )
-            postfix_flush()
-            self.note("paced", "postfix", latency_case(POSTFIX_IN, POSTFIX_OUT, paced, rate))
-        if {"direct", "all"} & set(self.args.cases):
+            self.run_case(
+                "paced",
+                rep,
+                lambda port, sink_port: latency_case(port, sink_port, paced, rate),
+            )
+        if {"direct", "all"} & wanted:
             direct = self.args.direct_messages
-            settings = f"""
+            self.run_case(
+                "direct",
+                rep,
+                lambda port, _: direct_case(port, self.direct_port, direct, self.workdir),
+                settings=lambda _: self.direct_settings(),
+                default_route="",
+                postfix_port=self.direct_port,
+            )
+
+    def direct_settings(self) -> str:
+        return f"""
 [direct]
 workers = 64
 per_domain = 5
@@ -349,21 +363,6 @@ helo_name = "gateway.bench"
 [dns]
 nameservers = ["127.0.0.1:{self.zone.port}"]
 """
-            for who, source in self.contenders.items():
-                self.note(
-                    "direct",
-                    who,
-                    self.gateway_run(
-                        source,
-                        settings,
-                        lambda port: direct_case(port, self.direct_port, direct, self.workdir),
-                        default_route="",
-                    ),
-                )
-            postfix_flush()
-            self.note(
-                "direct", "postfix", direct_case(POSTFIX_IN, self.direct_port, direct, self.workdir)
-            )
 
 
 # --- the report ---------------------------------------------------------------------------
@@ -513,7 +512,7 @@ def main() -> None:
         wait_port(POSTFIX_IN)
         for rep in range(args.reps):
             print(f"repetition {rep + 1} of {args.reps}", file=sys.stderr, flush=True)
-            bench.repetition()
+            bench.repetition(rep)
     finally:
         postfix("stop")
         postfix("flush")
