@@ -450,8 +450,9 @@ def report(bench: Bench, args: argparse.Namespace, seconds: float) -> str:
         "",
         *machine(),
         f"- {args.messages} messages of 4 KiB a case ({args.paced_messages} paced,"
-        f" {args.direct_messages} x 10 recipients for direct), {args.reps} alternating"
-        " repetitions, medians; the ratio is the median of the per-repetition ratios"
+        f" {args.direct_messages} x 10 recipients for direct), {args.reps} repetitions"
+        " (each case's contenders in an order that moves on by one each time),"
+        " medians; the ratio is the median of the per-repetition ratios"
         " smtpgate/Postfix (for rates higher is better, for ms lower is better)"
         + ("; before is the baseline tree, before/Postfix its ratio" if before else "")
         + f"; the run took {seconds / 60:.1f} min",
