@@ -69,10 +69,13 @@ def message(
     received_at: float = T0,
     content: bytes = CONTENT,
     sender: str = "app@example.net",
+    job: str = "",
 ) -> NewMessage:
-    """Recipients as 'address' (route 'corp') or ('address', 'route')."""
+    """Recipients as 'address' (route 'corp') or ('address', 'route'), all in `job` (""
+    is the route's job of the day)."""
     rcpts = [
-        NewRecipient(r, "corp") if isinstance(r, str) else NewRecipient(*r) for r in recipients
+        NewRecipient(r, "corp", job=job) if isinstance(r, str) else NewRecipient(*r, job=job)
+        for r in recipients
     ]
     return NewMessage(
         sender=sender,
@@ -681,13 +684,9 @@ class TestSqliteSpool:
         monkeypatch.setattr(sqlite_spool, "_plan_lease", planning)
         monkeypatch.setattr(sqlite_spool, "_take_lease", taking)
 
-        def mail(address: str, job: str) -> NewMessage:
-            recipient = NewRecipient(address, "corp", job=job)
-            return NewMessage("app@example.net", [recipient], CONTENT, "127.0.0.1", "c.test")
-
         async def scenario() -> None:
-            winter = await spool.store(mail("w@example.org", job="winter"))
-            summer = await spool.store(mail("s@example.org", job="summer"))
+            winter = await spool.store(message("w@example.org", job="winter"))
+            summer = await spool.store(message("s@example.org", job="summer"))
             with another_writer_has_the_turn(path):
                 leasing = asyncio.ensure_future(spool.lease_due(["corp"], T0 + 1e9, 10))
                 assert await asyncio.to_thread(planned.wait, 10)  # read; waits for the turn
