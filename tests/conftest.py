@@ -37,10 +37,20 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 STARTUP_SECONDS = 15.0
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, never one given out before in this run: the
+    kernel may hand the same port to two calls in a row (a gateway's SMTP and HTTP
+    ports were once the same one, and it could not start)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "") -> Any:
