@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from smtpgate import __version__, logs, monitor
-from smtpgate.config import Config, ConfigError, find_config_file, load, masked
+from smtpgate.config import Config, ConfigError
+from smtpgate.configfile import find_config_file, load, masked
 from smtpgate.display import iso, table, when
 from smtpgate.spool import MessageView, SpoolLockedError, SqliteSpool
 
@@ -266,7 +267,7 @@ def _suggest(config: Config, args: argparse.Namespace) -> int:
     import contextlib
     from pathlib import Path
 
-    from smtpgate.config import DEFAULT_CONFIG_NAME
+    from smtpgate.configfile import DEFAULT_CONFIG_NAME
     from smtpgate.suggest import Proposal, Scan, survey, write
     from smtpgate.suggest.survey import footnotes
 

@@ -1,46 +1,62 @@
-"""Config: one TOML file, embedded defaults, and environment overrides.
+"""Config: what every setting is, its default, and what values it allows.
 
-The CLI loads it once and hands the validated `Config` to the server; every default lives
-here and nowhere else. A bad file becomes one `ConfigError` naming the key, never a traceback.
+Every default lives here and nowhere else. The sections are frozen stdlib dataclasses, and
+this module does not import pydantic: the delivery process receives the `Config` pickled
+and so never pays pydantic's 10 MB. configfile.py reads the file and the environment and
+validates against these classes with pydantic, using the constraints written beside each
+field (annotated-types) and the checks in each section's `__post_init__`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import math
-import os
 import re
 import socket
 import ssl
-import tomllib
-import types
-import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from annotated_types import Ge, Gt, Le, MinLen
 
 from smtpgate.windows import Window, zone_named
 
-ENV_PREFIX = "SMTPGATE_"
-DEFAULT_CONFIG_NAME = "smtpgate.toml"
 BUILTIN_DIRECT_ROUTE = "direct"
-SECRET_KEYS = frozenset({"password", "token"})
 IMPLICIT_TLS_SCHEME = "ssl://"
 USERS_FILE_NAME = "users"  # in the state directory, unless server.auth.users_file says
 
 
 class ConfigError(Exception):
     """A config problem a person must fix; the message names the key and what is allowed."""
+
+
+# --- checks that pydantic runs while validating ------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Before:
+    """Turn what a person writes ('5m', "host:port") into the field's type first."""
+
+    parse: Callable[[Any], Any]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema  # only where configs are validated
+
+        return core_schema.no_info_before_validator_function(self.parse, handler(source))
+
+
+@dataclass(frozen=True, slots=True)
+class After:
+    """Check (or normalise) a field once it has its type, so the error names that field."""
+
+    check: Callable[[Any], Any]
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Any) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
 
 
 # --- human units -------------------------------------------------------------------------
@@ -100,26 +116,24 @@ def parse_size(value: object) -> int:
     return size
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-Size = Annotated[int, BeforeValidator(parse_size)]
-Port = Annotated[int, Field(ge=1, le=65535)]
+Duration = Annotated[float, Before(parse_duration)]
+Size = Annotated[int, Before(parse_size)]
+Port = Annotated[int, Ge(1), Le(65535)]
 
 
 def _one_or_many(value: object) -> object:
     return [value] if isinstance(value, str) else value
 
 
-StrList = Annotated[list[str], BeforeValidator(_one_or_many)]
-NetworkList = Annotated[
-    list[ipaddress.IPv4Network | ipaddress.IPv6Network], BeforeValidator(_one_or_many)
-]
+StrList = Annotated[list[str], Before(_one_or_many)]
+NetworkList = Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], Before(_one_or_many)]
 
 
-class ListenAddress(BaseModel):
+@dataclass(frozen=True)
+class ListenAddress:
     """One listening socket, written 'host:port' or '[v6]:port'; an 'ssl://' prefix makes
     it speak TLS from the first byte (implicit TLS, RFC 8314: the submission port 465)."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     host: str
     port: int
     tls: bool = False
@@ -159,73 +173,75 @@ def _listen_list(value: object) -> object:
     return [ListenAddress.parse(v) if isinstance(v, str) else v for v in items]
 
 
+ListenList = Annotated[list[ListenAddress], Before(_listen_list)]
+
+
 # --- sections ---------------------------------------------------------------------------
 
-
-class _Section(BaseModel):
-    # coerce_numbers_to_str: SMTPGATE_SERVER__HOSTNAME=123 reads as TOML 123, still a name.
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, coerce_numbers_to_str=True, defer_build=True
-    )
+# Read by pydantic when it validates a section: an unknown key is an error, not ignored;
+# SMTPGATE_SERVER__HOSTNAME=123 reads as TOML 123, and is still a name.
+SECTION = {"extra": "forbid", "coerce_numbers_to_str": True}
 
 
-class ListenerTlsConfig(_Section):
+def _readable_file(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        raise ValueError(f"{path} is not a readable file")
+    return path
+
+
+@dataclass(frozen=True)
+class ListenerTlsConfig:
     """The listener's certificate: with one, plain listeners offer STARTTLS and ssl://
     listeners speak TLS; AUTH is offered only over TLS."""
 
-    cert_file: Path | None = None  # PEM: the certificate, then any intermediates
-    key_file: Path | None = None  # PEM; default: the key is in cert_file
+    __pydantic_config__: ClassVar = SECTION
+    # PEM: the certificate, then any intermediates
+    cert_file: Annotated[Path | None, After(_readable_file)] = None
+    key_file: Annotated[Path | None, After(_readable_file)] = None  # default: in cert_file
 
-    @field_validator("cert_file", "key_file")
-    @classmethod
-    def _exists(cls, path: Path | None) -> Path | None:
-        if path is not None and not path.is_file():
-            raise ValueError(f"{path} is not a readable file")
-        return path
-
-    @model_validator(mode="after")
-    def _pair(self) -> ListenerTlsConfig:
+    def __post_init__(self) -> None:
         if self.key_file is not None and self.cert_file is None:
             raise ValueError("key_file is set but cert_file is not")
-        return self
 
 
-class AuthConfig(_Section):
+@dataclass(frozen=True)
+class AuthConfig:
     """AUTH on the listener (PLAIN, LOGIN; over TLS only), and the limits on guessing."""
 
+    __pydantic_config__: ClassVar = SECTION
     users_file: Path | None = None  # default: <state_dir>/users; AUTH is on when it exists
-    max_auth_failures: int = Field(default=5, ge=1)  # per client address in failure_window
-    failure_window: Annotated[Duration, Field(gt=0)] = 900.0
-    max_session_attempts: int = Field(default=3, ge=1)  # failed AUTHs in one session
-    tarpit_after: int = Field(default=3, ge=0)  # failures before replies slow down
+    max_auth_failures: Annotated[int, Ge(1)] = 5  # per client address in failure_window
+    failure_window: Annotated[Duration, Gt(0)] = 900.0
+    max_session_attempts: Annotated[int, Ge(1)] = 3  # failed AUTHs in one session
+    tarpit_after: Annotated[int, Ge(0)] = 3  # failures before replies slow down
     tarpit_delay: Duration = 1.0  # the first delay; doubles with each further failure
     tarpit_max_delay: Duration = 15.0
 
-    @model_validator(mode="after")
-    def _delays(self) -> AuthConfig:
+    def __post_init__(self) -> None:
         if self.tarpit_max_delay < self.tarpit_delay:
             raise ValueError("tarpit_max_delay must not be less than tarpit_delay")
-        return self
 
 
-class ServerConfig(_Section):
-    listen: Annotated[list[ListenAddress], BeforeValidator(_listen_list)] = Field(
-        default_factory=lambda: [ListenAddress(host="127.0.0.1", port=2525)], min_length=1
+@dataclass(frozen=True)
+class ServerConfig:
+    __pydantic_config__: ClassVar = SECTION
+    listen: Annotated[ListenList, MinLen(1)] = field(
+        default_factory=lambda: [ListenAddress(host="127.0.0.1", port=2525)]
     )
-    hostname: str = Field(default_factory=socket.gethostname, min_length=1)
+    hostname: Annotated[str, MinLen(1)] = field(default_factory=socket.gethostname)
     state_dir: Path | None = None
-    max_message_size: Annotated[Size, Field(gt=0)] = 25 * 1024**2
-    max_recipients: int = Field(default=1000, ge=1)
-    max_connections: int = Field(default=100, ge=1)
-    max_connections_per_client: int = Field(default=20, ge=1)
-    max_errors: int = Field(default=20, ge=1)  # error replies in a session, then 421
-    max_commands: int = Field(default=10000, ge=1)  # commands since the last message, then 421
-    max_hops: int = Field(default=50, ge=1)  # Received: fields before a loop is assumed
+    max_message_size: Annotated[Size, Gt(0)] = 25 * 1024**2
+    max_recipients: Annotated[int, Ge(1)] = 1000
+    max_connections: Annotated[int, Ge(1)] = 100
+    max_connections_per_client: Annotated[int, Ge(1)] = 20
+    max_errors: Annotated[int, Ge(1)] = 20  # error replies in a session, then 421
+    max_commands: Annotated[int, Ge(1)] = 10000  # commands since the last message, then 421
+    max_hops: Annotated[int, Ge(1)] = 50  # Received: fields before a loop is assumed
     min_free_space: Size = 100 * 1024**2  # below this MAIL gets 452 4.3.1
     bare_line_ends: Literal["fix", "refuse"] = "fix"
     allow_percent_hack: bool = False
-    idle_timeout: Annotated[Duration, Field(gt=0)] = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
-    trusted_networks: NetworkList = Field(
+    idle_timeout: Annotated[Duration, Gt(0)] = 300.0  # RFC 5321 4.5.3.2.7: 5 minutes
+    trusted_networks: NetworkList = field(
         default_factory=lambda: [
             ipaddress.ip_network("127.0.0.0/8"),
             ipaddress.ip_network("::1/128"),
@@ -238,26 +254,27 @@ class ServerConfig(_Section):
     # process, "separate" in a delivery process of its own (another CPU core, about 45 MB
     # more memory), "auto" separate where there are two cores or more.
     delivery_process: Literal["auto", "inline", "separate"] = "auto"
-    tls: ListenerTlsConfig = Field(default_factory=ListenerTlsConfig)
-    auth: AuthConfig = Field(default_factory=AuthConfig)
+    tls: ListenerTlsConfig = field(default_factory=ListenerTlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
 
 
-class SpoolConfig(_Section):
-    url: str | None = None  # default: sqlite:///<state_dir>/spool.db
-
-    @field_validator("url")
-    @classmethod
-    def _known_backend(cls, url: str | None) -> str | None:
-        if url is None:
-            return url
-        if not url.startswith("sqlite:///"):
-            raise ValueError("only 'sqlite:////absolute/path.db' is supported by this version")
-        if not url.removeprefix("sqlite:///").startswith("/"):
-            raise ValueError(
-                "the spool path must be absolute: 'sqlite:////var/lib/smtpgate/spool.db'"
-                " (four slashes: three for the scheme, one for the root)"
-            )
+def _known_backend(url: str | None) -> str | None:
+    if url is None:
         return url
+    if not url.startswith("sqlite:///"):
+        raise ValueError("only 'sqlite:////absolute/path.db' is supported by this version")
+    if not url.removeprefix("sqlite:///").startswith("/"):
+        raise ValueError(
+            "the spool path must be absolute: 'sqlite:////var/lib/smtpgate/spool.db'"
+            " (four slashes: three for the scheme, one for the root)"
+        )
+    return url
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    __pydantic_config__: ClassVar = SECTION
+    url: Annotated[str | None, After(_known_backend)] = None  # default: <state_dir>/spool.db
 
 
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour|d|day)\s*$", re.I)
@@ -275,10 +292,10 @@ _RATE_WINDOWS = {
 }
 
 
-class Rate(BaseModel):
+@dataclass(frozen=True)
+class Rate:
     """At most `count` messages in any `window` seconds, written "30/min"."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     count: int
     window: float
 
@@ -298,17 +315,17 @@ class Rate(BaseModel):
         return f"{self.count}/{unit}" if unit else f"{self.count}/{self.window:g}s"
 
 
-RateList = Annotated[
-    list[Annotated[Rate, BeforeValidator(Rate.parse)]], BeforeValidator(_one_or_many)
-]
+RateList = Annotated[list[Annotated[Rate, Before(Rate.parse)]], Before(_one_or_many)]
 DEFAULT_PORTS = {"none": 25, "starttls": 587, "ssl": 465}
 
 
-class RelayConfig(_Section):
+@dataclass(frozen=True)
+class RelayConfig:
     """An upstream SMTP server. Every option of AY Mail's "Send through the following SMTP
     server" maps here: see config/smtpgate.toml."""
 
-    host: str = Field(min_length=1)
+    __pydantic_config__: ClassVar = SECTION
+    host: Annotated[str, MinLen(1)]
     port: Port | None = None  # default by tls: none 25, starttls 587, ssl 465
     tls: Literal["none", "ssl", "starttls"] = "starttls"
     ca_file: Path | None = None
@@ -320,16 +337,15 @@ class RelayConfig(_Section):
     allow_plaintext_auth: bool = False
     timeout: Duration = 60.0
     data_timeout: Duration = 600.0  # RFC 5321 4.5.3.2.6: wait 10 minutes for the final reply
-    chunk_size: int = Field(default=1000, ge=1)
+    chunk_size: Annotated[int, Ge(1)] = 1000
     chunk_delay: Duration = 0.0
-    concurrency: int = Field(default=1, ge=1, le=256)
-    rate: RateList = Field(default_factory=list)
+    concurrency: Annotated[int, Ge(1), Le(256)] = 1
+    rate: RateList = field(default_factory=list)
     turbo: bool = False
-    max_recipients: int = Field(default=100, ge=1)
+    max_recipients: Annotated[int, Ge(1)] = 100
     backoff: Duration = 30.0  # first pause when the upstream says "too many"; doubles
 
-    @model_validator(mode="after")
-    def _consistent(self) -> RelayConfig:
+    def __post_init__(self) -> None:
         sources = [k for k in ("password", "password_env", "password_file") if getattr(self, k)]
         if len(sources) > 1:
             raise ValueError(f"give the password one way, not {' and '.join(sources)}")
@@ -349,7 +365,6 @@ class RelayConfig(_Section):
                 raise ValueError(
                     f"ca_file {self.ca_file} holds no usable PEM certificates: {error}"
                 ) from None
-        return self
 
     @property
     def effective_port(self) -> int:
@@ -394,56 +409,77 @@ def _nameservers(value: object) -> object:
     return parsed
 
 
-class DnsConfig(_Section):
+@dataclass(frozen=True)
+class DnsConfig:
     """The resolver for direct delivery. Default: the system's (/etc/resolv.conf)."""
 
-    nameservers: Annotated[list[ListenAddress], BeforeValidator(_nameservers)] = Field(
-        default_factory=list
-    )
-    timeout: Annotated[Duration, Field(gt=0)] = 5.0
+    __pydantic_config__: ClassVar = SECTION
+    nameservers: Annotated[list[ListenAddress], Before(_nameservers)] = field(default_factory=list)
+    timeout: Annotated[Duration, Gt(0)] = 5.0
 
 
-class DirectConfig(_Section):
+@dataclass(frozen=True)
+class DirectConfig:
     """Direct delivery to each recipient's MX hosts (AY Mail's "Send Direct")."""
 
-    workers: int = Field(default=32, ge=1, le=256)  # connections in all, idle ones included
-    per_domain: int = Field(default=5, ge=1)  # connections to one destination domain
+    __pydantic_config__: ClassVar = SECTION
+    workers: Annotated[int, Ge(1), Le(256)] = 32  # connections in all, idle ones included
+    per_domain: Annotated[int, Ge(1)] = 5  # connections to one destination domain
     helo_name: str | None = None  # default: this host's fully qualified name
     port: Port = 25
     tls: Literal["opportunistic", "require", "verify"] = "opportunistic"
-    timeout: Annotated[Duration, Field(gt=0)] = 60.0
-    data_timeout: Annotated[Duration, Field(gt=0)] = 600.0
-    max_recipients: int = Field(default=100, ge=1)
+    timeout: Annotated[Duration, Gt(0)] = 60.0
+    data_timeout: Annotated[Duration, Gt(0)] = 600.0
+    max_recipients: Annotated[int, Ge(1)] = 100
 
 
-class DeliveryConfig(_Section):
-    retry_schedule: list[Duration] = Field(
-        default_factory=lambda: [300.0, 600.0, 1200.0, 2400.0, 3600.0], min_length=1
+@dataclass(frozen=True)
+class DeliveryConfig:
+    __pydantic_config__: ClassVar = SECTION
+    retry_schedule: Annotated[list[Duration], MinLen(1)] = field(
+        default_factory=lambda: [300.0, 600.0, 1200.0, 2400.0, 3600.0]
     )
     give_up_after: Duration = 5 * 86400.0
 
 
-class RouteConfig(_Section):
+def _windows(window: list[str]) -> list[str]:
+    for text in window:
+        Window.parse(text)
+    return window
+
+
+def _timezone(timezone: str) -> str:
+    zone_named(timezone)
+    return timezone
+
+
+def _job_name(job: str | None) -> str | None:
+    return None if job is None else valid_job_name(job)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
     """Where a recipient's mail goes and at what pace. `mode = "track"` is AY Track: a
     durable background job sent onward `via` a relay or direct, inside weekly `window`s,
     at an evenly spaced `rate`, retrying every `retry_every` for `give_up_after`."""
 
+    __pydantic_config__: ClassVar = SECTION
     mode: Literal["relay", "direct", "track"]
     relay: str | None = None
     passthrough: bool = False  # relay only: the client gets the upstream's own replies
     via: str | None = None  # track only: a relay's name, or "direct"
-    window: StrList = Field(default_factory=list)  # track only; none: any time
-    timezone: str = "local"  # of the windows: an IANA name, or the system's zone
-    rate: Annotated[Rate, BeforeValidator(Rate.parse)] | None = None  # track only
+    window: Annotated[StrList, After(_windows)] = field(default_factory=list)  # none: any time
+    timezone: Annotated[str, After(_timezone)] = "local"  # an IANA name, or the system's zone
+    rate: Annotated[Rate, Before(Rate.parse)] | None = None  # track only
     hold: bool = False  # new jobs wait for `smtpgate job release`
-    job: str | None = None  # the job of mail without X-Smtpgate-Job; else route-and-day
+    # The job of mail without X-Smtpgate-Job; else one job per route and day.
+    job: Annotated[str | None, After(_job_name)] = None
     bounce: bool = False  # a DSN to the sender when a recipient finally fails
-    retry_every: Annotated[Duration, Field(gt=0)] | None = None  # track default: 1h
-    retry_schedule: list[Duration] | None = Field(default=None, min_length=1)
+    retry_every: Annotated[Duration, Gt(0)] | None = None  # track default: 1h
+    retry_schedule: Annotated[list[Duration], MinLen(1)] | None = None
     give_up_after: Duration | None = None
 
-    @model_validator(mode="after")
-    def _consistent(self) -> RouteConfig:
+    def __post_init__(self) -> None:
         if self.mode == "relay" and not self.relay:
             raise ValueError("a route with mode = 'relay' needs relay = 'NAME' of a [relays.NAME]")
         if self.mode != "relay" and self.relay:
@@ -465,25 +501,6 @@ class RouteConfig(_Section):
             raise ValueError("hold = true cannot work with passthrough = true")
         if self.retry_every is not None and self.retry_schedule is not None:
             raise ValueError("give retry_every or retry_schedule, not both")
-        return self
-
-    @field_validator("window")
-    @classmethod
-    def _windows(cls, window: list[str]) -> list[str]:
-        for text in window:
-            Window.parse(text)
-        return window
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, timezone: str) -> str:
-        zone_named(timezone)
-        return timezone
-
-    @field_validator("job")
-    @classmethod
-    def _job_name(cls, job: str | None) -> str | None:
-        return None if job is None else valid_job_name(job)
 
     def schedule(self) -> list[float] | None:
         """This route's own retry schedule; None defers to [delivery]."""
@@ -510,9 +527,11 @@ def valid_job_name(name: str) -> str:
     return name
 
 
-class RuleConfig(_Section):
+@dataclass(frozen=True)
+class RuleConfig:
     """First match wins; every condition given must hold, a list matches any of its items."""
 
+    __pydantic_config__: ClassVar = SECTION
     route: str
     sender: StrList | None = None
     recipient_domain: StrList | None = None
@@ -521,20 +540,26 @@ class RuleConfig(_Section):
     auth_user: StrList | None = None  # AUTH user names; no client without AUTH matches
 
 
-class HttpConfig(_Section):
+class DefaultHttpListen(list[ListenAddress]):
+    """[http] listen when the config does not name one. Finding this port taken is no
+    reason to stop the mail (see server.py); finding a named one taken is."""
+
+
+@dataclass(frozen=True)
+class HttpConfig:
     """The monitoring HTTP interface: JSON API, web page, /metrics, /healthz, /readyz.
 
     Invariant: an address other hosts can reach is served only with a bearer token, so a
     config that says otherwise is refused at load time, before anything listens."""
 
-    listen: Annotated[list[ListenAddress], BeforeValidator(_listen_list)] = Field(
-        default_factory=lambda: [ListenAddress(host="127.0.0.1", port=8025)]
+    __pydantic_config__: ClassVar = SECTION
+    listen: ListenList = field(
+        default_factory=lambda: DefaultHttpListen([ListenAddress(host="127.0.0.1", port=8025)])
     )
-    token_env: str | None = Field(default=None, min_length=1)
+    token_env: Annotated[str, MinLen(1)] | None = None
     token_file: Path | None = None
 
-    @model_validator(mode="after")
-    def _token_where_reachable(self) -> HttpConfig:
+    def __post_init__(self) -> None:
         if self.token_env and self.token_file:
             raise ValueError("give the token one way, not token_env and token_file")
         if any(a.tls for a in self.listen):
@@ -549,7 +574,6 @@ class HttpConfig(_Section):
                 " can cancel jobs; set token_env or token_file to require a bearer token,"
                 ' or listen on loopback only ("127.0.0.1:8025")'
             )
-        return self
 
     def resolve_token(self, environ: Mapping[str, str]) -> str | None:
         """The bearer token from wherever the config says; ConfigError if it is missing
@@ -572,25 +596,28 @@ class HttpConfig(_Section):
         return value.strip()
 
 
-class LogConfig(_Section):
+@dataclass(frozen=True)
+class LogConfig:
+    __pydantic_config__: ClassVar = SECTION
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "console", "json"] = "auto"
 
 
-class Config(_Section):
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    spool: SpoolConfig = Field(default_factory=SpoolConfig)
-    log: LogConfig = Field(default_factory=LogConfig)
-    delivery: DeliveryConfig = Field(default_factory=DeliveryConfig)
-    direct: DirectConfig = Field(default_factory=DirectConfig)
-    dns: DnsConfig = Field(default_factory=DnsConfig)
-    http: HttpConfig = Field(default_factory=HttpConfig)
-    relays: dict[str, RelayConfig] = Field(default_factory=dict)
-    routes: dict[str, RouteConfig] = Field(default_factory=dict)
-    rules: list[RuleConfig] = Field(default_factory=list)
+@dataclass(frozen=True)
+class Config:
+    __pydantic_config__: ClassVar = SECTION
+    server: ServerConfig = field(default_factory=ServerConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    direct: DirectConfig = field(default_factory=DirectConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    relays: dict[str, RelayConfig] = field(default_factory=dict)
+    routes: dict[str, RouteConfig] = field(default_factory=dict)
+    rules: list[RuleConfig] = field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _references_resolve(self) -> Config:
+    def __post_init__(self) -> None:
         implicit = [str(a) for a in self.server.listen if a.tls]
         if implicit and self.server.tls.cert_file is None:
             raise ValueError(
@@ -621,7 +648,6 @@ class Config(_Section):
                     f"rules[{index}].route: no route {rule.route!r}"
                     f" (defined: {', '.join(self.routes)})"
                 )
-        return self
 
     def relay_passwords(self, environ: Mapping[str, str]) -> dict[str, str | None]:
         """Every relay's AUTH password, or one ConfigError naming the relay that lacks it."""
@@ -662,166 +688,3 @@ class Config(_Section):
         schedule = config.schedule() or self.delivery.retry_schedule
         give_up = config.give_up_after
         return schedule, self.delivery.give_up_after if give_up is None else give_up
-
-
-# --- loading ----------------------------------------------------------------------------
-
-
-def find_config_file(explicit: str | None, environ: Mapping[str, str]) -> Path | None:
-    """--config, then SMTPGATE_CONFIG, then ./smtpgate.toml; None means embedded defaults."""
-    if explicit:
-        return Path(explicit)
-    if environ.get("SMTPGATE_CONFIG"):
-        return Path(environ["SMTPGATE_CONFIG"])
-    local = Path(DEFAULT_CONFIG_NAME)
-    return local if local.is_file() else None
-
-
-def default_state_dir(environ: Mapping[str, str]) -> Path:
-    """$SMTPGATE_STATE_DIR, else the XDG state directory ($XDG_STATE_HOME/smtpgate)."""
-    if environ.get("SMTPGATE_STATE_DIR"):
-        return Path(environ["SMTPGATE_STATE_DIR"])
-    if environ.get("XDG_STATE_HOME"):
-        return Path(environ["XDG_STATE_HOME"]) / "smtpgate"
-    import platformdirs
-
-    return Path(platformdirs.user_state_dir("smtpgate", appauthor=False))
-
-
-def load(
-    path: Path | None,
-    *,
-    environ: Mapping[str, str] | None = None,
-    state_dir: str | None = None,
-) -> Config:
-    """Read, override from the environment, validate. Raises ConfigError with a clear text."""
-    environ = os.environ if environ is None else environ
-    raw: dict[str, Any] = {}
-    where = "embedded defaults"
-    if path is not None:
-        where = str(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except (OSError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: cannot read: {error}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    overrides = apply_environment(raw, environ)
-    if overrides:
-        where += f" with {', '.join(overrides)}"
-    server = raw.setdefault("server", {})
-    if not isinstance(server, dict):
-        raise ConfigError(f"{where}: server: expected a table [server]")
-    if state_dir:
-        server["state_dir"] = state_dir
-    elif "state_dir" not in server:
-        server["state_dir"] = str(default_state_dir(environ))
-    try:
-        return Config.model_validate(raw)
-    except ValidationError as error:
-        raise ConfigError(f"{where}: " + describe(error)) from None
-
-
-def apply_environment(raw: dict[str, Any], environ: Mapping[str, str]) -> list[str]:
-    """SMTPGATE_RELAYS__CORP__HOST=x sets relays.corp.host; values parse as TOML when they can.
-    Returns the names of the variables applied, for error messages."""
-    applied = []
-    for name, text in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        keys = [part.lower() for part in name[len(ENV_PREFIX) :].split("__")]
-        if not all(keys):
-            raise ConfigError(f"{name}: empty key in environment override")
-        table = raw
-        for key in keys[:-1]:
-            table = table.setdefault(key, {})
-            if not isinstance(table, dict):
-                raise ConfigError(f"{name}: {key} is not a table and cannot hold {keys[-1]}")
-        table[keys[-1]] = _env_value(text)
-        applied.append(name)
-    return applied
-
-
-def _env_value(text: str) -> object:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def describe(error: ValidationError) -> str:
-    """Pydantic's errors as 'key.path: what is wrong' lines, naming allowed keys."""
-    lines = []
-    for item in error.errors():
-        location = _dotted(item["loc"])
-        if item["type"] == "extra_forbidden":
-            allowed = _allowed_keys(item["loc"][:-1])
-            message = "unknown key" + (f" (allowed: {', '.join(allowed)})" if allowed else "")
-        elif item["type"] == "missing":
-            message = "required key is missing"
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            if "input" in item and not isinstance(item["input"], dict | list):
-                message += f" (got {item['input']!r})"
-        lines.append(f"{location}: {message}" if location else message)
-    return "\n  ".join(lines)
-
-
-def _dotted(loc: tuple[int | str, ...]) -> str:
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif part.startswith(("function-", "list[", "lax-", "json-")):
-            continue  # pydantic's internal validator names, not keys
-        else:
-            text += f".{part}" if text else part
-    return text
-
-
-def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
-    """Walk the model along loc to list the keys that table accepts."""
-    current: Any = Config
-    for part in loc:
-        current = _unwrap(current)
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field = current.model_fields.get(str(part))
-            if field is None:
-                return []
-            current = field.annotation
-        elif typing.get_origin(current) in (dict, list):
-            current = typing.get_args(current)[-1]
-        else:
-            return []
-    current = _unwrap(current)
-    if isinstance(current, type) and issubclass(current, BaseModel):
-        return list(current.model_fields)
-    return []
-
-
-def _unwrap(annotation: Any) -> Any:
-    while True:
-        origin = typing.get_origin(annotation)
-        if origin is Annotated:
-            annotation = typing.get_args(annotation)[0]
-        elif origin in (typing.Union, types.UnionType):
-            members = [a for a in typing.get_args(annotation) if a is not type(None)]
-            annotation = members[0]
-        else:
-            return annotation
-
-
-def masked(config: Config) -> dict[str, Any]:
-    """The effective config as plain data, secrets masked, for `config check`."""
-    data: dict[str, Any] = _mask(config.model_dump(mode="json"))
-    return data
-
-
-def _mask(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: "********" if k in SECRET_KEYS and v else _mask(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_mask(v) for v in data]
-    return data

@@ -13,7 +13,7 @@ import signal
 
 from smtpgate import clock, logs
 from smtpgate.auth import Authenticator, auth_file, auth_warning
-from smtpgate.config import Config
+from smtpgate.config import Config, DefaultHttpListen
 from smtpgate.delivery.process import DeliveryProcess
 from smtpgate.listener import Connections, Handler, protocol_factory, tls_context
 from smtpgate.passthrough import Passthrough
@@ -156,7 +156,7 @@ class Server:
                     try:
                         await web_server.listen(address)
                     except OSError as error:
-                        if "listen" not in config.http.model_fields_set:
+                        if isinstance(config.http.listen, DefaultHttpListen):
                             # The default port (also Mailpit's) is taken: mail matters
                             # more than the page, so run without it and say so.
                             log.warning(

@@ -32,9 +32,8 @@ from conftest import (
     with_default_route,
 )
 
-from smtpgate import users
+from smtpgate import configfile, users
 from smtpgate.auth import Authenticator, auth_file
-from smtpgate.config import Config
 from smtpgate.listener import Connections, Handler, protocol_factory, tls_context
 from smtpgate.policy import RelayPolicy
 from smtpgate.router import Router
@@ -381,7 +380,7 @@ def test_the_spool_learns_who_submitted_a_message(
 ) -> None:
     """NewMessage.submitted_by carries the AUTH user to the rest of the data path."""
     users.add(tmp_path / "users", "alice", PASSWORD.encode())
-    config = Config.model_validate(
+    config = configfile.validate(
         {
             "server": {
                 "state_dir": str(tmp_path),

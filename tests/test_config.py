@@ -9,15 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate.config import (
-    Config,
-    ConfigError,
-    ListenAddress,
-    load,
-    masked,
-    parse_duration,
-    parse_size,
-)
+from smtpgate.config import Config, ConfigError, ListenAddress, parse_duration, parse_size
+from smtpgate.configfile import load, masked
 
 # --- durations ----------------------------------------------------------------------
 

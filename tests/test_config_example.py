@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
 from pathlib import Path
-
-from pydantic import BaseModel
 
 from smtpgate.config import (
     AuthConfig,
@@ -23,11 +22,11 @@ from smtpgate.config import (
     RuleConfig,
     ServerConfig,
     SpoolConfig,
-    load,
 )
+from smtpgate.configfile import load
 
 EXAMPLE = Path(__file__).parent.parent / "config" / "smtpgate.toml"
-TABLES: dict[tuple[str, ...], type[BaseModel]] = {  # the tables that document each model
+TABLES: dict[tuple[str, ...], type] = {  # the tables that document each model
     ("server",): ServerConfig,
     ("server.tls",): ListenerTlsConfig,
     ("server.auth",): AuthConfig,
@@ -81,7 +80,7 @@ def test_example_loads_and_passes_config_check(tmp_path: Path) -> None:
 
 def test_example_documents_every_key() -> None:
     sections = _sections(EXAMPLE.read_text())
-    assert set(Config.model_fields) == {
+    assert {f.name for f in dataclasses.fields(Config)} == {
         "server",
         "spool",
         "log",
@@ -97,7 +96,7 @@ def test_example_documents_every_key() -> None:
         for table in tables:
             assert table in sections, f"[{table}] is missing from {EXAMPLE.name}"
         body = "".join(sections[table] for table in tables)
-        for key in model.model_fields:
+        for key in (f.name for f in dataclasses.fields(model)):
             if (f"{tables[0]}.{key}",) in TABLES:
                 continue  # a table of its own, such as [server.tls]
             assert re.search(rf"^#? ?{key} = ", body, re.MULTILINE), (

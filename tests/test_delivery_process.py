@@ -173,6 +173,10 @@ def test_deliveries_run_in_a_process_of_their_own(
     attempts = [e for e in gateway.events() if e["event"] == "attempt"]
     assert attempts and all(e.get("process") == "delivery" for e in attempts)
     assert all("process" not in e for e in gateway.events() if e["event"] == "accepted")
+    # It receives its config validated and serves no HTTP: it never loads pydantic or
+    # aiohttp, about 20 MB that only the server needs.
+    libraries = Path(f"/proc/{child}/maps").read_text()
+    assert "pydantic_core" not in libraries and "aiohttp" not in libraries
     assert gateway.stop() == 0
     # The relay's rate ledger lives in the one spool: the child wrote it there.
     with sqlite3.connect(gateway.state_dir / "spool.db") as spool:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from smtpgate.config import ListenAddress, load
+from smtpgate.config import ListenAddress
+from smtpgate.configfile import load
 from smtpgate.policy import RelayPolicy, refuse_open_relay
 
 ROOT = Path(__file__).resolve().parent.parent

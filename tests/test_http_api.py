@@ -23,7 +23,8 @@ import pytest
 from conftest import Gateway, GatewayFactory, Upstream, Upstreams, free_port, relay_config
 from conftest import wait_until as wait_for
 
-from smtpgate.config import ConfigError, load
+from smtpgate.config import ConfigError
+from smtpgate.configfile import load
 from smtpgate.spool import SqliteSpool
 from smtpgate.web import Metrics, Monitor, build_app
 from smtpgate.web.openapi import document

@@ -15,6 +15,7 @@ import pytest
 import structlog
 from conftest import GatewayFactory, wait_until
 
+from smtpgate import configfile
 from smtpgate.config import Config
 from smtpgate.listener import Connections, Handler, protocol_factory
 from smtpgate.policy import RelayPolicy
@@ -297,7 +298,7 @@ async def _one_transaction(config: Config, handler: Handler) -> tuple[int, str]:
 
 @pytest.mark.parametrize("fault", ["router raises", "disk full"])
 def test_faults_inside_smtpgate_answer_451_without_leaking(tmp_path: Path, fault: str) -> None:
-    config = Config.model_validate(
+    config = configfile.validate(
         {"server": {"state_dir": str(tmp_path), "hostname": "gateway.test"}}
     )
 

@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
+from smtpgate import configfile
 from smtpgate.auth import auth_file
 from smtpgate.config import Config, ConfigError
 from smtpgate.policy import RelayPolicy, refuse_open_relay
 
 
 def config(**server: Any) -> Config:
-    return Config.model_validate({"server": {"state_dir": "/nonexistent/smtpgate", **server}})
+    return configfile.validate({"server": {"state_dir": "/nonexistent/smtpgate", **server}})
 
 
 def policy(*networks: str) -> RelayPolicy:
@@ -127,7 +128,7 @@ def _with_auth(tmp_path: Path, *, users: bool, certificate: bool) -> Config:
     cert.write_text("not checked here")
     if users:
         (tmp_path / "users").write_text("")
-    return Config.model_validate(
+    return configfile.validate(
         {
             "server": {
                 "state_dir": str(tmp_path),
@@ -161,7 +162,7 @@ def test_exposed_listener_with_half_an_auth_setup_is_refused(
 
 
 def test_a_users_file_named_in_the_config_must_exist(tmp_path: Path) -> None:
-    config = Config.model_validate(
+    config = configfile.validate(
         {"server": {"state_dir": str(tmp_path), "auth": {"users_file": str(tmp_path / "u")}}}
     )
     with pytest.raises(ConfigError, match=r"server\.auth\.users_file: .*/u does not exist"):

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from smtpgate.config import Config
+from smtpgate import configfile
 from smtpgate.router import Envelope, Router, domain_of
 
 ROUTES = {
@@ -18,7 +18,7 @@ ROUTES = {
 
 
 def router(*rules: dict[str, Any], default: str = "fallback") -> Router:
-    config = Config.model_validate(
+    config = configfile.validate(
         {
             "server": {"state_dir": "/nonexistent/smtpgate", "default_route": default},
             "routes": ROUTES,
@@ -39,7 +39,7 @@ def test_no_rules_means_default_route() -> None:
 
 
 def test_default_route_is_direct_unless_configured() -> None:
-    config = Config.model_validate({"server": {"state_dir": "/nonexistent/smtpgate"}})
+    config = configfile.validate({"server": {"state_dir": "/nonexistent/smtpgate"}})
     assert Router(config).route(envelope(), "bob@example.org") == "direct"
 
 

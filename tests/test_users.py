@@ -175,7 +175,7 @@ def test_tarpit_doubles_up_to_its_cap(tmp_path: Path) -> None:
     from smtpgate.auth import Authenticator
 
     settings = AuthConfig(
-        tarpit_after=2, tarpit_delay="1s", tarpit_max_delay="5s", max_auth_failures=10
+        tarpit_after=2, tarpit_delay=1.0, tarpit_max_delay=5.0, max_auth_failures=10
     )
     clock = Clock()
     authenticator = Authenticator(tmp_path / "users", settings, clock)

@@ -21,7 +21,8 @@ import tomlkit
 from tomlkit.exceptions import TOMLKitError
 from tomlkit.items import Item, Table
 
-from smtpgate.config import BUILTIN_DIRECT_ROUTE, ConfigError, load
+from smtpgate.config import BUILTIN_DIRECT_ROUTE, ConfigError
+from smtpgate.configfile import load
 from smtpgate.suggest.survey import Suggestion
 
 # Host name labels that say "mail server" rather than whose server it is.
