@@ -7,7 +7,6 @@ already validated, never pays for it. What each key means and allows is in confi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import tomllib
 import types
@@ -87,8 +86,9 @@ def validate(raw: Mapping[str, Any], where: str = "config") -> Config:
         raise ConfigError(f"{where}: " + describe(error)) from None
 
 
-@functools.cache
 def _adapter() -> TypeAdapter[Config]:
+    """Built for each use and then dropped: a server validates its config once, and the
+    5 MB the validator takes are better left free for the mail."""
     return TypeAdapter(Config)
 
 
