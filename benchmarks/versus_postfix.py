@@ -492,12 +492,13 @@ def main() -> None:
     parser.add_argument(
         "--cases",
         default="all",
-        help="comma-separated: all, latency, direct, or a source case's name",
+        help="';'-separated (case names hold commas): all, latency, paced, direct, or a"
+        " source case's name such as '50 sessions, 10 rcpts'",
     )
     parser.add_argument("--baseline", type=Path, help="another smtpgate source tree to compare")
     parser.add_argument("--install", action="store_true", help="apt-get install postfix (root)")
     args = parser.parse_args()
-    args.cases = args.cases.split(",")
+    args.cases = [case.strip() for case in args.cases.split(";")]
     if args.install and not shutil.which("smtp-source"):
         postfix("install")
     if not (shutil.which("smtp-source") and shutil.which("postfix")):

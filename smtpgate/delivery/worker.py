@@ -25,7 +25,7 @@ import structlog
 
 from smtpgate import crashpoints, logs
 from smtpgate.delivery.process import Go, Recorded, Setup, Stored
-from smtpgate.eventloop import new_event_loop
+from smtpgate.eventloop import new_event_loop, set_startup_aside
 from smtpgate.scheduler import (
     DRAIN_SECONDS,
     MESSAGES_PER_CONNECTION_APART,
@@ -80,6 +80,7 @@ class Worker:
             on_recorded=self._report,
             messages_per_connection=MESSAGES_PER_CONNECTION_APART,
         )
+        set_startup_aside()
 
     def _report(self, updates: Sequence[RecipientUpdate]) -> None:
         """Results for the server's metrics, gathered for a moment: one notice for many."""
