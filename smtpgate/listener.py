@@ -11,9 +11,11 @@ import base64
 import binascii
 import functools
 import logging
+import math
 import os
 import re
 import ssl
+import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -99,6 +101,7 @@ _HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}(?:\s|$)")
 # again after each accepted message: pooled clients (JavaMail) send NOOP before each one.
 JUNK_COMMANDS = frozenset({"NOOP", "VRFY", "EXPN", "HELP"})
 JUNK_COMMAND_LIMIT = 100
+FREE_SPACE_SECONDS = 0.25  # how old the spool disk's free space may be when MAIL asks
 TEMPORARY_FAILURE = "451 4.3.0 Local error in processing; the message was not accepted, try again"
 
 # The usual MAIL/RCPT argument, <dot-atom@dot-atom> then parameters (RFC 5321 4.1.2).
@@ -126,7 +129,7 @@ class Handler:
         passthrough: Passthrough | None = None,
     ) -> None:
         self._config = config
-        self._spool_directory = str(config.spool_path().parent)  # asked at every MAIL
+        self._free_space = FreeSpace(config.spool_path().parent)
         self._spool = spool
         self._router = router
         self._policy = policy
@@ -162,7 +165,7 @@ class Handler:
     ) -> str:
         if refusal := self._refusal(address, "sender", envelope):
             return refusal
-        if (room := _free_space(self._spool_directory)) is not None and room < _needed(
+        if (room := self._free_space.bytes()) is not None and room < _needed(
             self._config, mail_options
         ):
             log.warning("refusing mail: the spool's disk is nearly full", free=room)
@@ -543,12 +546,28 @@ def tls_context(config: Config) -> ssl.SSLContext | None:
     return context
 
 
-def _free_space(directory: str) -> int | None:
-    try:
-        stats = os.statvfs(directory)
-    except OSError:
-        return None
-    return stats.f_bavail * stats.f_frsize
+class FreeSpace:
+    """The free bytes on the spool's disk, asked of the file system at most every
+    FREE_SPACE_SECONDS: a statvfs at every MAIL cost 2% of the listener at 3,000 msg/s,
+    and in a quarter second the mail fills far less than min_free_space keeps free."""
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = str(directory)
+        self._asked_at = -math.inf
+        self._free: int | None = None
+
+    def bytes(self) -> int | None:
+        """None when the file system cannot say (then MAIL is not refused for it)."""
+        now = time.monotonic()
+        if now - self._asked_at >= FREE_SPACE_SECONDS:
+            self._asked_at = now
+            try:
+                stats = os.statvfs(self._directory)
+            except OSError:
+                self._free = None
+            else:
+                self._free = stats.f_bavail * stats.f_frsize
+        return self._free
 
 
 def _needed(config: Config, mail_options: list[str]) -> int:

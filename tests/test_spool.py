@@ -573,7 +573,7 @@ class TestSqliteSpool:
         """Stores queued while another writer has the turn are written together; one
         that cannot be stored (its named job was cancelled) fails alone, and two that
         draw the same queue id in the same microsecond are both stored."""
-        monkeypatch.setattr("smtpgate.spool.base.secrets.token_hex", lambda n: "AB" * n)
+        monkeypatch.setattr("smtpgate.spool.base.random.getrandbits", lambda bits: 0xABABA)
         path = tmp_path / "spool.db"
         spool = SqliteSpool.open(path, exclusive=True)
 
@@ -742,7 +742,7 @@ class TestSqliteSpool:
     ) -> None:
         # Forces the collision that otherwise happens with a chance of about 1 in 2**20
         # per pair of messages received in the same microsecond.
-        monkeypatch.setattr("smtpgate.spool.base.secrets.token_hex", lambda n: "AB" * n)
+        monkeypatch.setattr("smtpgate.spool.base.random.getrandbits", lambda bits: 0xABABA)
         spool = SqliteSpool.open(tmp_path / "spool.db")
 
         async def scenario() -> None:

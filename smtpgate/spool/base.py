@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import collections
 import enum
-import secrets
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -78,7 +78,9 @@ def new_queue_id(now: float | None = None) -> str:
     """Sortable by arrival and unique in practice: 13 hex digits of the clock in µs (good
     until 2112) and 5 random ones. The spool draws again on the rare collision."""
     micros = int((time.time() if now is None else now) * 1_000_000)
-    return f"{micros:013X}" + secrets.token_hex(3).upper()[:5]
+    # Not secrets: an id names mail, it guards nothing, and os.urandom is a system call
+    # per message (1.5% of the listener at 3,000 msg/s).
+    return f"{micros:013X}{random.getrandbits(20):05X}"
 
 
 @dataclass(frozen=True, slots=True)
