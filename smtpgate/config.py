@@ -178,8 +178,8 @@ ListenList = Annotated[list[ListenAddress], Before(_listen_list)]
 
 # --- sections ---------------------------------------------------------------------------
 
-# Read by pydantic when it validates a section: an unknown key is an error, not ignored;
-# SMTPGATE_SERVER__HOSTNAME=123 reads as TOML 123, and is still a name.
+# A pydantic ConfigDict, read when configfile.py validates a section: an unknown key is an
+# error, not ignored; SMTPGATE_SERVER__HOSTNAME=123 reads as TOML 123, and is still a name.
 SECTION = {"extra": "forbid", "coerce_numbers_to_str": True}
 
 

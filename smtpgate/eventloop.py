@@ -27,5 +27,6 @@ def set_startup_aside() -> None:
     counted nor traversed, so a full collection is cheap enough to run that often."""
     gc.collect()
     gc.freeze()
+    gc.collect()  # resets the count of survivors to what is not frozen: few
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, 1)

@@ -165,7 +165,7 @@ class Handler:
     ) -> str:
         if refusal := self._refusal(address, "sender", envelope):
             return refusal
-        if (room := self._free_space.bytes()) is not None and room < _needed(
+        if (room := self._free_space.available()) is not None and room < _needed(
             self._config, mail_options
         ):
             log.warning("refusing mail: the spool's disk is nearly full", free=room)
@@ -556,7 +556,7 @@ class FreeSpace:
         self._asked_at = -math.inf
         self._free: int | None = None
 
-    def bytes(self) -> int | None:
+    def available(self) -> int | None:
         """None when the file system cannot say (then MAIL is not refused for it)."""
         now = time.monotonic()
         if now - self._asked_at >= FREE_SPACE_SECONDS:
