@@ -142,7 +142,11 @@ class Process:
         """Peak RSS of the process and its children (smtpgate's delivery process), summed:
         an upper bound, since the two peaks need not come at the same moment, and each
         counts in full the pages of the interpreter and libraries the two share."""
-        return sum(_peak_rss_kb(pid) for pid in family(self.popen.pid)) / 1024
+        return sum(self.peak_rss_each_mb())
+
+    def peak_rss_each_mb(self) -> list[float]:
+        """Peak RSS of the process, then of each of its descendants."""
+        return [_peak_rss_kb(pid) / 1024 for pid in family(self.popen.pid)]
 
     def peak_pss_mb(self) -> float:
         """The highest PSS of the process and its children summed, sampled every

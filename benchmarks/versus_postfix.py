@@ -21,8 +21,9 @@ of the per-repetition ratios smtpgate/Postfix for:
     another domain) to counting sinks on 127.0.2.1-100. smtpgate resolves the MX
     hosts through a loopback DNS server; Postfix, which asks only the system's
     resolver, gets a transport map to the same addresses instead (no DNS);
-  - smtpgate's peak RSS (VmHWM; server and delivery process summed) in each case, and
-    its peak PSS (sampled; summed too), which counts the pages the two share once.
+  - smtpgate's peak RSS (VmHWM; server and delivery process summed, and each one's) in
+    each case, and its peak PSS (sampled; summed too), which counts the pages the two
+    share, such as the interpreter's and OpenSSL's libraries, once.
 
 `--baseline DIR` adds a third contender, another smtpgate source tree (for example
 `git archive` of an older commit), so the effect of a change is measured in the same
@@ -136,11 +137,14 @@ format = "json"
             cwd=state,  # not the checkout: `-m` would import smtpgate from there first
         )
 
-    def stop(self) -> tuple[float, float]:
-        """Stop it; its peak RSS and peak PSS in MB."""
-        rss, pss = self.process.peak_rss_mb(), self.process.peak_pss_mb()
+    def stop(self) -> Sample:
+        """Stop it; its peak RSS (summed, and the server's and the delivery process's
+        own) and peak PSS, in MB."""
+        server, *children = self.process.peak_rss_each_mb()
+        pss = self.process.peak_pss_mb()
         self.process.stop()
-        return rss, pss
+        rss = server + sum(children)
+        return {"rss": rss, "pss": pss, "server rss": server, "delivery rss": rss - server}
 
 
 def relay_settings(sink_port: int) -> str:
@@ -286,8 +290,8 @@ class Bench:
         try:
             sample = measure(gateway.port)
         finally:
-            rss, pss = gateway.stop()
-        return {**sample, "rss": rss, "pss": pss}
+            memory = gateway.stop()
+        return {**sample, **memory}
 
     def run_case(
         self,
@@ -459,7 +463,7 @@ def report(bench: Bench, args: argparse.Namespace, seconds: float) -> str:
         "",
         "| case | unit | smtpgate | Postfix | ratio |"
         + (" before | before/Postfix |" if before else "")
-        + " smtpgate peak RSS MB | smtpgate peak PSS MB |",
+        + " smtpgate peak RSS MB (server + delivery) | smtpgate peak PSS MB |",
         "|---|---|---:|---:|---:|" + ("---:|---:|" if before else "") + "---:|---:|",
     ]
     for case, measure, label, unit in ROWS:
@@ -476,7 +480,8 @@ def report(bench: Bench, args: argparse.Namespace, seconds: float) -> str:
             else:
                 cells += [f"{statistics.median(ours):.1f}"]
             cells.append(f"{ratio:.2f}")
-        cells.append(f"{max(s['rss'] for s in runs['smtpgate']):.0f}")
+        peak = max(runs["smtpgate"], key=lambda s: s["rss"])
+        cells.append(f"{peak['rss']:.0f} ({peak['server rss']:.0f} + {peak['delivery rss']:.0f})")
         cells.append(f"{max(s['pss'] for s in runs['smtpgate']):.0f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
