@@ -25,7 +25,8 @@ from smtpgate.spool import SqliteSpool
 from smtpgate.spool.salvage import SalvageReport
 from smtpgate.transports import RelayTransport, Transport
 from smtpgate.transports.build import build_transports, relay_of
-from smtpgate.web import Metrics, Monitor, WebServer, build_app
+from smtpgate.web.interface import HttpInterface
+from smtpgate.web.metrics import Metrics
 
 log = logs.get(__name__)
 
@@ -100,7 +101,7 @@ class Server:
         scheduler: Scheduler | None = None
         scheduler_task: asyncio.Task[None] | None = None
         delivery_process: DeliveryProcess | None = None
-        web_server: WebServer | None = None
+        http: HttpInterface | None = None
         try:
             released = await spool.release_leases(clock.now())
             if released:
@@ -150,12 +151,13 @@ class Server:
                     {} if separate else waiting,
                     on_recorded=metrics.count_results,
                 )
-            # 4. Monitoring over HTTP, before SMTP: once SMTP answers, so does the API.
+            # 4. Monitoring over HTTP, bound before SMTP: once SMTP answers, so does the API
+            #    (its app loads at the first request).
             if config.http.listen:
-                web_server = WebServer(build_app(Monitor(config, spool, metrics, token)))
+                http = HttpInterface(config, spool, metrics, token)
                 for address in config.http.listen:
                     try:
-                        await web_server.listen(address)
+                        http.listen(address)
                     except OSError as error:
                         if isinstance(config.http.listen, DefaultHttpListen):
                             # The default port (also Mailpit's) is taken: mail matters
@@ -273,8 +275,8 @@ class Server:
                 await transport.close()
             if delivery_process is not None:  # it drains its own deliveries, then exits
                 await delivery_process.close()
-            if web_server is not None:
-                await web_server.stop()
+            if http is not None:
+                await http.stop()
             await spool.close()
             log.info("stopped")
 

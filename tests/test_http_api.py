@@ -26,8 +26,10 @@ from conftest import wait_until as wait_for
 from smtpgate.config import ConfigError
 from smtpgate.configfile import load
 from smtpgate.spool import SqliteSpool
-from smtpgate.web import Metrics, Monitor, build_app
+from smtpgate.web.app import build_app
+from smtpgate.web.metrics import Metrics
 from smtpgate.web.openapi import document
+from smtpgate.web.state import Monitor
 
 TURNS = 2.5  # real seconds: more than two scheduler turns (one a second)
 TOKEN = "s3cret-token-for-tests"
@@ -293,6 +295,18 @@ def test_a_taken_http_port_is_a_clear_error(
     assert f"cannot serve HTTP on 127.0.0.1:{first.http_port}" in result.stderr
     assert "listen = []" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_http_interface_loads_at_its_first_request(gateway_factory: GatewayFactory) -> None:
+    """Its port is bound at startup (a taken one is a startup error, tested below), but
+    aiohttp, 12 MB, is loaded only when someone asks; the first request waits for it."""
+    gateway = gateway_factory()
+    assert gateway.process is not None
+    libraries = Path(f"/proc/{gateway.process.pid}/maps")
+    assert "aiohttp" not in libraries.read_text()
+    assert http(gateway, "/healthz").status == 200
+    assert "aiohttp" in libraries.read_text()
+    assert http(gateway, "/api/jobs").status == 200
 
 
 def test_a_taken_default_http_port_does_not_stop_the_mail(

@@ -1,7 +1,5 @@
-"""The monitoring HTTP interface of `smtpgate serve`: JSON API, web page, metrics, probes."""
+"""The monitoring HTTP interface of `smtpgate serve`: JSON API, web page, metrics, probes.
 
-from smtpgate.web.app import WebServer, build_app
-from smtpgate.web.metrics import Metrics
-from smtpgate.web.state import Monitor
-
-__all__ = ["Metrics", "Monitor", "WebServer", "build_app"]
+Importing this package imports nothing else: the server binds the interface's sockets
+with interface.py, which loads aiohttp and app.py only when the first request comes.
+"""

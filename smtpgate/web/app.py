@@ -1,8 +1,9 @@
 """The HTTP application: routes, the guard every request passes, and its lifecycle.
 
-Runs inside `smtpgate serve` on the server's event loop and spool (server.py starts it
-after the spool opens and stops it in the shutdown checklist); api.py, page.py,
-metrics.py and openapi.py hold what each route answers.
+Runs inside `smtpgate serve` on the server's event loop and spool, loaded by
+interface.py at the first connection to the sockets server.py had it bind, and stopped
+in the server's shutdown checklist; api.py, page.py, metrics.py and openapi.py hold what
+each route answers.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import socket
 import urllib.parse
 from importlib import resources
 
@@ -17,7 +19,6 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from smtpgate import logs
-from smtpgate.config import ListenAddress
 from smtpgate.web import api, page
 from smtpgate.web.openapi import document
 from smtpgate.web.state import MONITOR, Monitor
@@ -65,14 +66,12 @@ class WebServer:
         )
         self._set_up = False
 
-    async def listen(self, address: ListenAddress) -> None:
-        """Serve on one more address; OSError when it cannot be bound."""
+    async def serve(self, sock: socket.socket) -> None:
+        """Serve on one more listening socket (interface.py binds them)."""
         if not self._set_up:
             await self._runner.setup()
             self._set_up = True
-        site = web.TCPSite(self._runner, address.host, address.port, reuse_address=True)
-        await site.start()
-        log.info("serving HTTP", address=str(address))
+        await web.SockSite(self._runner, sock).start()
 
     async def stop(self) -> None:
         if self._set_up:
