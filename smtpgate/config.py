@@ -251,7 +251,7 @@ class ServerConfig:
     # A garbled X-Smtpgate-Send-At: refuse the message at DATA, or send it now and log it.
     invalid_send_at: Literal["refuse", "send_now"] = "refuse"
     # Where the delivery side (scheduler and transports) runs: "inline" in the server's
-    # process, "separate" in a delivery process of its own (another CPU core, about 45 MB
+    # process, "separate" in a delivery process of its own (another CPU core, about 40 MB
     # more memory), "auto" separate where there are two cores or more.
     delivery_process: Literal["auto", "inline", "separate"] = "auto"
     tls: ListenerTlsConfig = field(default_factory=ListenerTlsConfig)
