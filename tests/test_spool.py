@@ -656,6 +656,83 @@ class TestSqliteSpool:
         finally:
             asyncio.run(spool.close())
 
+    def test_the_delivery_process_gathers_its_writes_once_the_turn_is_contended(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """No client waits for the delivery process's writes (leases, results). Once it
+        has had to wait for the write turn, it lets its next writes gather first, and
+        writes them in one transaction, so the server's stores, whose clients do wait,
+        find the turn free more often. While the turn is free it never pauses, and the
+        server's own writes never pause."""
+        path = tmp_path / "spool.db"
+        server = SqliteSpool.open(path, exclusive=True)
+        delivery = SqliteSpool.open(path, background=True)
+        blocked, paused, company = threading.Event(), threading.Event(), threading.Event()
+        pauses: list[float] = []
+        batches: list[int] = []
+        flock, sleep = fcntl.flock, sqlite_spool.time.sleep
+        run_batch = sqlite_spool._Writer._run_batch
+
+        def flocking(fd: int, operation: int) -> None:
+            try:
+                flock(fd, operation)
+            except BlockingIOError:
+                blocked.set()  # a writer found the turn taken and now waits for it
+                raise
+
+        def pausing(seconds: float) -> None:
+            if threading.current_thread().name != "spool-writer":
+                return sleep(seconds)
+            pauses.append(seconds)
+            paused.set()
+            company.wait(10)
+
+        def counted(db: sqlite3.Connection, batch: list[Any]) -> None:
+            batches.append(len(batch))
+            run_batch(db, batch)
+
+        monkeypatch.setattr(sqlite_spool.fcntl, "flock", flocking)
+        monkeypatch.setattr(sqlite_spool.time, "sleep", pausing)
+        monkeypatch.setattr(sqlite_spool._Writer, "_run_batch", staticmethod(counted))
+
+        def delivered(recipient_id: int) -> list[RecipientUpdate]:
+            return [RecipientUpdate(recipient_id, RecipientState.DELIVERED, "250 sent")]
+
+        async def scenario() -> None:
+            ids = [await server.store(message(f"r{n}@example.org")) for n in range(3)]
+            deliveries = await delivery.lease_due(["corp"], T0 + 1e9, 10)
+            first, second, third = [d.recipients[0].id for d in deliveries]
+            assert not pauses, "a background writer paused while the turn was free"
+            with another_writer_has_the_turn(path):
+                recording = asyncio.ensure_future(delivery.record(delivered(first), T0 + 1e9))
+                assert await asyncio.to_thread(blocked.wait, 10)
+            await recording
+            assert not pauses
+            recording = asyncio.ensure_future(delivery.record(delivered(second), T0 + 1e9))
+            assert await asyncio.to_thread(paused.wait, 10), "the writes did not gather"
+            after = len(batches)
+            recording_too = asyncio.ensure_future(delivery.record(delivered(third), T0 + 1e9))
+            await asyncio.sleep(0)  # it starts, and queues its write
+            company.set()
+            await asyncio.gather(recording, recording_too)
+            assert pauses == [sqlite_spool.GATHER_SECONDS]
+            assert batches[after:] == [2], "what gathered was not written in one transaction"
+            for queue_id in ids:
+                assert set((await states(server, queue_id)).values()) == {RecipientState.DELIVERED}
+            blocked.clear()
+            with another_writer_has_the_turn(path):
+                storing = asyncio.ensure_future(server.store(message("s@example.org")))
+                assert await asyncio.to_thread(blocked.wait, 10)
+            await storing
+            await server.store(message("t@example.org"))
+            assert pauses == [sqlite_spool.GATHER_SECONDS], "the server's writes paused"
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            asyncio.run(delivery.close())
+            asyncio.run(server.close())
+
     @pytest.mark.parametrize("meanwhile", ["paused", "cancelled", "paused and resumed"])
     def test_a_lease_waiting_for_the_turn_sees_what_the_cli_did_meanwhile(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, meanwhile: str
