@@ -21,7 +21,6 @@ import os
 import queue
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -149,8 +148,6 @@ MIN_SQLITE = (3, 35, 0)
 LEASE_WINDOW = 5000  # at most this many due recipients looked at to find the oldest-due
 LEASE_ROWS_MIN, LEASE_ROWS_PER_MESSAGE = 100, 20  # the window for a smaller lease
 MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
-GATHER_SECONDS = 0.010  # how long background writes wait for company while the turn is contended
-CONTENDED_SECONDS = 1.0  # the turn counts as contended this long after a writer had to wait
 ROWS_PER_STATEMENT = 256  # at most 2,560 bound values, far under SQLite's limit
 
 
@@ -173,24 +170,17 @@ class SqliteSpool(Spool):
 
     @classmethod
     def open(
-        cls,
-        path: Path,
-        *,
-        exclusive: bool = False,
-        quarantine: Path | None = None,
-        background: bool = False,
+        cls, path: Path, *, exclusive: bool = False, quarantine: Path | None = None
     ) -> SqliteSpool:
         """Open (creating if needed). `exclusive` takes the single-server lock or raises
         SpoolLockedError, so two servers never lease the same recipients, and checks the
         spool: a damaged one is salvaged with its damage moved into `quarantine`, or,
-        without one or when salvage is impossible, refused with SpoolDamagedError.
-        `background`: no reply waits for this process's writes (the delivery process), so
-        they give way to the stores that one does wait for (see _Writer)."""
+        without one or when salvage is impossible, refused with SpoolDamagedError."""
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_file = _take_lock(path) if exclusive else None
         try:
             report = _checked(path, quarantine) if exclusive else None
-            writer = _Writer(path, server=exclusive, background=background)
+            writer = _Writer(path, server=exclusive)
             writer.start_and_wait()
             reader = None
             if exclusive:
@@ -1057,28 +1047,12 @@ class _Writer:
     A batch that writes first takes the spool's write turn, a lock file the server, its
     delivery process and the CLI share: a writer waiting for it is woken the moment the
     other lets go, where SQLite's own busy handler would sleep and poll (1, 2, 5, 10 ms
-    and more), and two processes writing all the time would mostly wait.
+    and more), and two processes writing all the time would mostly wait."""
 
-    A `background` writer (the delivery process's leases and results) that had to wait
-    for the turn in the last CONTENDED_SECONDS lets its writes gather for GATHER_SECONDS
-    before it takes the turn again: fewer, larger
-    transactions of its own leave the turn free more often for the server's stores, whose
-    clients wait for the commit. Measured under load, this cut the p99 of the reply to the
-    final dot by about a fifth. A writer that finds the turn free never waits."""
-
-    def __init__(
-        self,
-        path: Path,
-        *,
-        server: bool = False,
-        background: bool = False,
-        name: str = "spool-writer",
-    ) -> None:
+    def __init__(self, path: Path, *, server: bool = False, name: str = "spool-writer") -> None:
         self._path = path
         self._turn: int | None = None  # the write turn's lock file, when it can be opened
         self._server = server  # the server may complete the schema; a CLI reader writes nothing
-        self._gather = GATHER_SECONDS if background else 0.0
-        self._contended_at = -CONTENDED_SECONDS  # when it last had to wait for the turn
         self._queue: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._ready = threading.Event()
@@ -1158,8 +1132,6 @@ class _Writer:
         with contextlib.closing(db):
             while not stopping:
                 first = self._queue.get()
-                if self._gather and first is not None and not first[3] and self._contended():
-                    time.sleep(self._gather)
                 batch = []
                 if first is None:
                     stopping = True
@@ -1180,19 +1152,12 @@ class _Writer:
         if self._turn is not None:
             os.close(self._turn)
 
-    def _contended(self) -> bool:
-        return time.monotonic() - self._contended_at < CONTENDED_SECONDS
-
     @contextlib.contextmanager
     def _write_turn(self, *, reads_only: bool) -> Generator[None, None, None]:
         if reads_only or self._turn is None:
             yield
             return
-        try:
-            fcntl.flock(self._turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._contended_at = time.monotonic()
-            fcntl.flock(self._turn, fcntl.LOCK_EX)
+        fcntl.flock(self._turn, fcntl.LOCK_EX)
         try:
             yield
         finally:
