@@ -2,8 +2,7 @@
 
 Between the spool and the transports. It leases work (state `sending`), keeps a few
 messages in hand per connection a transport may hold (a transport does not wait for the
-results of its last message to be written before it takes the next; a message to ten
-domains in direct mode counts as ten, since it takes ten connections), and writes every
+results of its last message to be written before it takes the next), and writes every
 recipient's result back through the route's RetryPolicy. Work leased by a process that
 died is released at the next start (`Spool.release_leases`). A spool error never stops it: it
 logs, waits, and tries again, and a result it could not write is kept until it can.
@@ -120,10 +119,6 @@ class Scheduler:
         self._in_flight_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
         self._group_of = {name: id(t) for name, t in transports.items()}
         self._seconds_each = dict.fromkeys(self._groups, 0.0)  # a delivery takes (average)
-        # Connections a delivery takes at once, as in the last lease (direct mode: one per
-        # domain), so that what is leased ahead is counted in connections, not messages;
-        # None until the first lease, which takes no more than a message a connection.
-        self._fan_out: dict[int, float | None] = dict.fromkeys(self._groups)
         self._turns = dict.fromkeys(self._groups, 0)  # which route of a transport goes first
         self._wake = asyncio.Event()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -161,22 +156,15 @@ class Scheduler:
             await self._spool.note_waiting(route, reason)
         self._controls = await self._spool.job_controls()
         for group, (transport, routes) in self._groups.items():
-            # Deliveries the connections send in the next moments, at least one. Counted
-            # in messages, a direct route with ten domains a message would hold ten times
-            # the work (and the memory) its connections can take.
-            fan_out = self._fan_out[group]
-            ahead = self._ahead(group) if fan_out is not None else 1
-            room = max(1.0, ahead * transport.concurrency / (fan_out or 1.0))
-            free = int(
-                min(
-                    room - len(self._sending_of[group]),
-                    DELIVERIES_PER_MESSAGE_AHEAD * room - len(self._in_flight_of[group]),
-                )
+            ahead = self._ahead(group)
+            free = min(
+                ahead * transport.concurrency - len(self._sending_of[group]),
+                DELIVERIES_PER_MESSAGE_AHEAD * ahead * transport.concurrency
+                - len(self._in_flight_of[group]),
             )
             # Leased in batches: while a message per connection is still in hand, wait
             # until as many are free, so one lease query serves many deliveries.
-            enough = transport.concurrency / (fan_out or 1.0)
-            if free > 0 and free >= enough and not self._stopping:
+            if free >= transport.concurrency and not self._stopping:
                 await self._lease_group(group, routes, free, now)
 
     def _ahead(self, group: int) -> int:
@@ -252,10 +240,6 @@ class Scheduler:
                 pace.sent_at(sent[-1])
 
     def _start(self, group: int, deliveries: Sequence[Delivery]) -> int:
-        if deliveries:
-            transport = self._groups[group][0]
-            taken = sum(transport.connections_for(d) for d in deliveries)
-            self._fan_out[group] = taken / len(deliveries)
         for delivery in deliveries:
             task = asyncio.create_task(self._deliver(delivery))
             self._in_flight.add(task)

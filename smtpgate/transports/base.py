@@ -12,15 +12,12 @@ class Transport(Protocol):
     """Sends one message to some of its recipients and says what became of each.
 
     `deliver` never raises for SMTP or network trouble: it returns an Outcome for every
-    recipient id of the delivery. `concurrency` caps the connections open at once, and
-    `connections_for` says how many of them a delivery takes. `start` runs before the
-    first delivery, `close` at shutdown.
+    recipient id of the delivery. `concurrency` caps simultaneous deliveries. `start`
+    runs before the first delivery, `close` at shutdown.
     """
 
     name: str
     concurrency: int
-
-    def connections_for(self, delivery: Delivery) -> int: ...
 
     async def start(self) -> None: ...
 

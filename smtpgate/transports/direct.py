@@ -68,10 +68,6 @@ class DirectTransport:
         self._no_pipelining: set[str] = set()  # addresses that failed pipelined
         self._background: set[asyncio.Task[None]] = set()
 
-    def connections_for(self, delivery: Delivery) -> int:
-        """One per domain: each has its own MX hosts, and they are sent to at once."""
-        return len({domain_of(r.address) for r in delivery.recipients})
-
     async def start(self) -> None:
         return None
 

@@ -65,9 +65,6 @@ class RelayTransport:
         self._background: set[asyncio.Task[None]] = set()
         self._log = log.bind(relay=name, upstream=f"{config.host}:{config.effective_port}")
 
-    def connections_for(self, delivery: Delivery) -> int:
-        return 1
-
     async def start(self) -> None:
         """Load the send times still inside the rate windows, so limits hold across restarts."""
         if self._config.rate:
