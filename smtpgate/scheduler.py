@@ -3,9 +3,13 @@
 Between the spool and the transports. It leases work (state `sending`), keeps a few
 messages in hand per connection a transport may hold (a transport does not wait for the
 results of its last message to be written before it takes the next), and writes every
-recipient's result back through the route's RetryPolicy. Work leased by a process that
-died is released at the next start (`Spool.release_leases`). A spool error never stops it: it
-logs, waits, and tries again, and a result it could not write is kept until it can.
+recipient's result back through the route's RetryPolicy. What is in hand is counted in
+connections: a direct message to ten domains takes ten, each given back as its domain
+is done, so a slow domain holds one connection's share, not the whole message's.
+
+Work leased by a process that died is released at the next start
+(`Spool.release_leases`). A spool error never stops it: it logs, waits, and tries
+again, and a result it could not write is kept until it can.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from smtpgate import clock, crashpoints, logs
 from smtpgate.bounce import Bouncer
@@ -44,9 +49,9 @@ MESSAGES_PER_CONNECTION = 2  # leased ahead per connection: the next one is read
 # mail of another job waits behind at most that much work.
 MESSAGES_PER_CONNECTION_APART = 16
 AHEAD_SECONDS = 0.2
-# Deliveries per connection in hand at all, counting those whose results are being
-# written (twice those leased ahead): the transport does not wait for the spool's commit
-# before its next message.
+# Work per connection in hand at all, counting deliveries whose results are being
+# written (twice what is leased ahead): the transport does not wait for the spool's
+# commit before its next message.
 DELIVERIES_PER_MESSAGE_AHEAD = 2
 SPOOL_RETRY_SECONDS = (0.1, 0.5, 1.0, 2.0, 5.0)  # waits after a spool error; the last repeats
 DRAIN_SECONDS = 10.0  # at shutdown, how long deliveries under way may finish
@@ -113,10 +118,15 @@ class Scheduler:
         self._groups: dict[int, tuple[Transport, list[str]]] = {}
         for name, transport in sorted(transports.items()):
             self._groups.setdefault(id(transport), (transport, []))[1].append(name)
-        # Per transport group: deliveries not yet through their transport, and all of
-        # them until their results are written.
-        self._sending_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
-        self._in_flight_of: dict[int, set[asyncio.Task[None]]] = {g: set() for g in self._groups}
+        # Per transport group, in connections: those of deliveries still under way in
+        # their transport, and those of all deliveries until their results are written.
+        self._sending_of = dict.fromkeys(self._groups, 0)
+        self._in_flight_of = dict.fromkeys(self._groups, 0)
+        self._hands: dict[asyncio.Task[None], _Hand] = {}
+        # Connections a delivery takes, on average over recent leases (direct: one per
+        # domain), to turn free connections into a number of messages to lease; None
+        # until the first lease, which takes a message per connection.
+        self._fan_out: dict[int, float | None] = dict.fromkeys(self._groups)
         self._group_of = {name: id(t) for name, t in transports.items()}
         self._seconds_each = dict.fromkeys(self._groups, 0.0)  # a delivery takes (average)
         self._turns = dict.fromkeys(self._groups, 0)  # which route of a transport goes first
@@ -156,16 +166,17 @@ class Scheduler:
             await self._spool.note_waiting(route, reason)
         self._controls = await self._spool.job_controls()
         for group, (transport, routes) in self._groups.items():
-            ahead = self._ahead(group)
+            room = self._ahead(group) * transport.concurrency
             free = min(
-                ahead * transport.concurrency - len(self._sending_of[group]),
-                DELIVERIES_PER_MESSAGE_AHEAD * ahead * transport.concurrency
-                - len(self._in_flight_of[group]),
+                room - self._sending_of[group],
+                DELIVERIES_PER_MESSAGE_AHEAD * room - self._in_flight_of[group],
             )
             # Leased in batches: while a message per connection is still in hand, wait
             # until as many are free, so one lease query serves many deliveries.
             if free >= transport.concurrency and not self._stopping:
-                await self._lease_group(group, routes, free, now)
+                fan_out = self._fan_out[group]
+                messages = transport.concurrency if fan_out is None else int(free / fan_out)
+                await self._lease_group(group, routes, max(1, messages), now)
 
     def _ahead(self, group: int) -> int:
         """Messages to lease ahead per connection: what it sends in AHEAD_SECONDS."""
@@ -240,26 +251,48 @@ class Scheduler:
                 pace.sent_at(sent[-1])
 
     def _start(self, group: int, deliveries: Sequence[Delivery]) -> int:
+        if not deliveries:
+            return 0
+        transport = self._groups[group][0]
+        taken = 0
         for delivery in deliveries:
-            task = asyncio.create_task(self._deliver(delivery))
+            hand = _Hand(group, transport.connections_for(delivery))
+            taken += hand.connections
+            task = asyncio.create_task(self._deliver(delivery, hand))
             self._in_flight.add(task)
-            self._in_flight_of[group].add(task)
-            self._sending_of[group].add(task)
+            self._hands[task] = hand
+            self._sending_of[group] += hand.connections
+            self._in_flight_of[group] += hand.connections
             task.add_done_callback(self._finished)
+        # Weighted by the lease's share of a round of connections: one small lease (a
+        # bounce to one domain) does not reset what a campaign's messages take.
+        fan_out, previous = taken / len(deliveries), self._fan_out[group]
+        weight = min(1.0, len(deliveries) / transport.concurrency)
+        self._fan_out[group] = (
+            fan_out if previous is None else previous + (fan_out - previous) * weight
+        )
         return len(deliveries)
 
-    def _sent(self, route: str) -> None:
-        """The transport is done with the current delivery: its next may be leased while
-        this one's results are written."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._sending_of[self._group_of[route]].discard(task)
+    def _part_sent(self, hand: _Hand) -> None:
+        """One of a delivery's connections is done: its share may be leased again."""
+        if hand.sending > 0:
+            hand.sending -= 1
+            self._sending_of[hand.group] -= 1
+            self._wake.set()
+
+    def _sent(self, hand: _Hand) -> None:
+        """The transport is done with the delivery: its next may be leased while this
+        one's results are written."""
+        self._sending_of[hand.group] -= hand.sending
+        hand.sending = 0
         self._wake.set()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._in_flight.discard(task)
-        for in_flight in (*self._in_flight_of.values(), *self._sending_of.values()):
-            in_flight.discard(task)
+        hand = self._hands.pop(task, None)
+        if hand is not None:  # also for a task cancelled before it ever ran
+            self._sent(hand)
+            self._in_flight_of[hand.group] -= hand.connections
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
         self._wake.set()  # a slot is free
@@ -278,7 +311,7 @@ class Scheduler:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    async def _deliver(self, delivery: Delivery, hand: _Hand) -> None:
         transport = self._transports[delivery.route]
         async with self._slots[delivery.route]:
             control = self._controls.get(delivery.job)
@@ -290,7 +323,7 @@ class Scheduler:
                 return
             started = time.monotonic()
             try:
-                outcomes = await transport.deliver(delivery)
+                outcomes = await transport.deliver(delivery, lambda: self._part_sent(hand))
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug in a transport must not lose or stall the mail
@@ -299,7 +332,7 @@ class Scheduler:
             group = self._group_of[delivery.route]
             took, average = time.monotonic() - started, self._seconds_each[group]
             self._seconds_each[group] = took if average <= 0 else 0.9 * average + 0.1 * took
-        self._sent(delivery.route)
+        self._sent(hand)
         if any(o.verdict is Verdict.DELIVERED for o in outcomes.values()):
             crashpoints.reached("after_upstream_ok")
         policy = self._retry[delivery.route]
@@ -379,6 +412,18 @@ class Scheduler:
             queue_id=delivery.queue_id,
         )
         return []
+
+
+@dataclass(slots=True)
+class _Hand:
+    """A delivery's share of its transport group's room, in connections."""
+
+    group: int
+    connections: int  # it takes in all
+    sending: int = field(init=False)  # of them not done yet
+
+    def __post_init__(self) -> None:
+        self.sending = self.connections
 
 
 def _stopped(delivery: Delivery, control: JobControl) -> list[RecipientUpdate]:

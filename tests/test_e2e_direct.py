@@ -306,3 +306,31 @@ def test_a_slow_domain_does_not_starve_the_others(
     assert slow.handler.most_open <= per_domain
     counts = Counter(r["state"] for r in gateway.recipients().values())
     assert counts["delivered"] >= 20
+
+
+def test_a_slow_domain_in_every_message_does_not_hold_back_the_others(
+    gateway_factory: GatewayFactory, upstreams: Upstreams, dns_zone: DnsZone
+) -> None:
+    """Each message goes to a slow and a fast domain: the slow part holds one connection
+    while it waits, not the whole message's share of what is leased, so the fast
+    domain's mail of later messages goes out meanwhile."""
+    port = free_port()
+    slow = upstreams.start(port, host="127.0.0.17", data_delay=3.0)
+    fast = upstreams.start(port, host="127.0.0.18")
+    dns_zone.mx("slow.example.test", (10, "mx.slow.example.test", "127.0.0.17"))
+    dns_zone.mx("fast.example.test", (10, "mx.fast.example.test", "127.0.0.18"))
+    gateway = gateway_factory(direct(port, "workers = 4\nper_domain = 2"))
+
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        for n in range(20):
+            client.sendmail(
+                "a@example.org",
+                [f"s{n}@slow.example.test", f"f{n}@fast.example.test"],
+                b"Subject: both\r\n\r\nb\r\n",
+            )
+
+    # Two slow transactions at a time, three seconds each: 30 s for the slow domain.
+    # Held back by it, the fast domain would take as long.
+    wait_until(lambda: len(fast.messages) == 20, timeout=15, what="the fast domain's mail")
+    assert len(slow.messages) < 20
+    assert slow.handler.most_open <= 2

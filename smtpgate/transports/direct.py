@@ -14,7 +14,7 @@ import contextlib
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 from smtpgate import logs
@@ -77,13 +77,22 @@ class DirectTransport:
             await session.quit()
         await asyncio.gather(*self._background, return_exceptions=True)  # QUITs under way
 
-    async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
+    def connections_for(self, delivery: Delivery) -> int:
+        """One per domain: each has its own MX hosts, and they are sent to at once."""
+        return len({domain_of(r.address) for r in delivery.recipients})
+
+    async def deliver(
+        self, delivery: Delivery, part_sent: Callable[[], None] | None = None
+    ) -> dict[int, Outcome]:
+        """Every domain at once; `part_sent` hears of each as it is done, so the
+        scheduler leases more while a slow domain holds only its own connection."""
         by_domain: dict[str, list[LeasedRecipient]] = {}
         for recipient in delivery.recipients:
             by_domain.setdefault(domain_of(recipient.address), []).append(recipient)
         groups = list(by_domain.items())
         results = await asyncio.gather(
-            *(self._to_domain(delivery, d, rs) for d, rs in groups), return_exceptions=True
+            *(self._part(delivery, d, rs, part_sent) for d, rs in groups),
+            return_exceptions=True,
         )
         outcomes: dict[int, Outcome] = {}
         for (domain, recipients), result in zip(groups, results, strict=True):
@@ -100,6 +109,19 @@ class DirectTransport:
 
     # --- one destination domain ------------------------------------------------------
 
+    async def _part(
+        self,
+        delivery: Delivery,
+        domain: str,
+        recipients: list[LeasedRecipient],
+        part_sent: Callable[[], None] | None,
+    ) -> dict[int, Outcome]:
+        try:
+            return await self._to_domain(delivery, domain, recipients)
+        finally:
+            if part_sent is not None:
+                part_sent()
+
     async def _to_domain(
         self, delivery: Delivery, domain: str, recipients: list[LeasedRecipient]
     ) -> dict[int, Outcome]:
@@ -114,12 +136,14 @@ class DirectTransport:
     @contextlib.asynccontextmanager
     async def _domain_turn(self, domain: str) -> AsyncIterator[bool]:
         """One of the domain's `per_domain` connections; False (at once) when as many
-        deliveries already wait for one: those wait in the queue instead, so slow
-        domains never hold the capacity the others need. Counts change without awaiting,
-        so a cancellation can never lose one."""
+        deliveries already wait for one, or when waiting would have the domain hold
+        more than half the workers' deliveries: those wait in the queue instead, so a
+        slow domain never holds the capacity the others need, even one that is in
+        every message. Counts change without awaiting, so a cancellation can never
+        lose one."""
         limit = self._config.per_domain
         held = self._domain_busy.get(domain, 0) + self._domain_waiting.get(domain, 0)
-        if held >= 2 * limit:
+        if held >= min(2 * limit, max(limit, self.concurrency // 2)):
             yield False
             return
         free = self._domain_free.setdefault(domain, asyncio.Event())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
 import structlog
@@ -92,7 +92,13 @@ class RelayTransport:
             password=self._password,
         )
 
-    async def deliver(self, delivery: Delivery) -> dict[int, Outcome]:
+    def connections_for(self, delivery: Delivery) -> int:
+        return 1
+
+    async def deliver(
+        self, delivery: Delivery, part_sent: Callable[[], None] | None = None
+    ) -> dict[int, Outcome]:
+        """One connection, done when this returns: `part_sent` is not needed."""
         started = time.monotonic()
         bound = self._log.bind(queue_id=delivery.queue_id)
         if self._failing and self._failing[0] > time.time():
