@@ -119,7 +119,8 @@ class Scheduler:
         for name, transport in sorted(transports.items()):
             self._groups.setdefault(id(transport), (transport, []))[1].append(name)
         # Per transport group, in connections: those of deliveries still under way in
-        # their transport, and those of all deliveries until their results are written.
+        # their transport; and those again, plus one per delivery whose results are
+        # being written (a message with one slow domain left counts one, not ten).
         self._sending_of = dict.fromkeys(self._groups, 0)
         self._in_flight_of = dict.fromkeys(self._groups, 0)
         self._hands: dict[asyncio.Task[None], _Hand] = {}
@@ -175,7 +176,9 @@ class Scheduler:
             # until as many are free, so one lease query serves many deliveries.
             if free >= transport.concurrency and not self._stopping:
                 fan_out = self._fan_out[group]
-                messages = transport.concurrency if fan_out is None else int(free / fan_out)
+                messages = (
+                    transport.concurrency if fan_out is None else int(free / max(1.0, fan_out))
+                )
                 await self._lease_group(group, routes, max(1, messages), now)
 
     def _ahead(self, group: int) -> int:
@@ -256,7 +259,7 @@ class Scheduler:
         transport = self._groups[group][0]
         taken = 0
         for delivery in deliveries:
-            hand = _Hand(group, transport.connections_for(delivery))
+            hand = _Hand(group, max(1, transport.connections_for(delivery)))
             taken += hand.connections
             task = asyncio.create_task(self._deliver(delivery, hand))
             self._in_flight.add(task)
@@ -275,16 +278,21 @@ class Scheduler:
 
     def _part_sent(self, hand: _Hand) -> None:
         """One of a delivery's connections is done: its share may be leased again."""
-        if hand.sending > 0:
-            hand.sending -= 1
-            self._sending_of[hand.group] -= 1
-            self._wake.set()
+        self._release(hand, 1)
 
     def _sent(self, hand: _Hand) -> None:
         """The transport is done with the delivery: its next may be leased while this
         one's results are written."""
-        self._sending_of[hand.group] -= hand.sending
-        hand.sending = 0
+        self._release(hand, hand.sending)
+
+    def _release(self, hand: _Hand, parts: int) -> None:
+        parts = min(parts, hand.sending)
+        if parts <= 0:
+            return
+        held = hand.held
+        hand.sending -= parts
+        self._sending_of[hand.group] -= parts
+        self._in_flight_of[hand.group] -= held - hand.held
         self._wake.set()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -292,7 +300,7 @@ class Scheduler:
         hand = self._hands.pop(task, None)
         if hand is not None:  # also for a task cancelled before it ever ran
             self._sent(hand)
-            self._in_flight_of[hand.group] -= hand.connections
+            self._in_flight_of[hand.group] -= hand.held
         if not task.cancelled() and task.exception() is not None:
             log.error("delivery task failed", exc_info=task.exception())
         self._wake.set()  # a slot is free
@@ -319,6 +327,7 @@ class Scheduler:
             if control is None and pace is not None and not pace.windows.is_open(clock.now()):
                 control = JobControl.PAUSED  # leased before its window closed: it waits
             if control is not None:  # paused, held or cancelled since it was leased
+                self._sent(hand)
                 await self._record(delivery, _stopped(delivery, control), clock.now())
                 return
             started = time.monotonic()
@@ -424,6 +433,12 @@ class _Hand:
 
     def __post_init__(self) -> None:
         self.sending = self.connections
+
+    @property
+    def held(self) -> int:
+        """What it counts in flight: its connections still sending, else one while its
+        results are written."""
+        return max(1, self.sending)
 
 
 def _stopped(delivery: Delivery, control: JobControl) -> list[RecipientUpdate]:

@@ -334,3 +334,36 @@ def test_a_slow_domain_in_every_message_does_not_hold_back_the_others(
     wait_until(lambda: len(fast.messages) == 20, timeout=15, what="the fast domain's mail")
     assert len(slow.messages) < 20
     assert slow.handler.most_open <= 2
+
+
+def test_what_is_leased_ahead_is_counted_in_connections(
+    gateway_factory: GatewayFactory, upstreams: Upstreams, dns_zone: DnsZone
+) -> None:
+    """A message to four domains takes four connections. With two workers and slow MX
+    hosts, the route keeps a couple of connections' worth of recipients leased
+    (`sending`), not a couple of messages per connection (16 recipients): the rest wait
+    in the spool, where they hold no memory of the delivery process and another job's
+    mail may go first."""
+    port = free_port()
+    domains = [f"d{n}.example.test" for n in range(4)]
+    for n, domain in enumerate(domains):
+        upstreams.start(port, host=f"127.0.0.{40 + n}", data_delay=0.2)
+        dns_zone.mx(domain, (10, f"mx.{domain}", f"127.0.0.{40 + n}"))
+    gateway = gateway_factory(direct(port, "workers = 2\nper_domain = 2"))
+
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        for n in range(8):
+            recipients = [f"m{n}@{domain}" for domain in domains]
+            client.sendmail("a@example.org", recipients, b"Subject: four\r\n\r\nb\r\n")
+
+    most_sending = 0
+
+    def all_delivered() -> bool:
+        nonlocal most_sending
+        states = Counter(r["state"] for r in gateway.recipients().values())
+        most_sending = max(most_sending, states["sending"])
+        return states["delivered"] == 32
+
+    wait_until(all_delivered, timeout=60, what="all 32 recipients delivered")
+    # Two messages' worth while their results are written, with the next one's.
+    assert 0 < most_sending <= 12, f"{most_sending} recipients leased for 2 connections"

@@ -136,14 +136,14 @@ class DirectTransport:
     @contextlib.asynccontextmanager
     async def _domain_turn(self, domain: str) -> AsyncIterator[bool]:
         """One of the domain's `per_domain` connections; False (at once) when as many
-        deliveries already wait for one, or when waiting would have the domain hold
-        more than half the workers' deliveries: those wait in the queue instead, so a
-        slow domain never holds the capacity the others need, even one that is in
-        every message. Counts change without awaiting, so a cancellation can never
-        lose one."""
+        deliveries already wait for one, or when waiting would leave no delivery for
+        the other domains (the scheduler hands over `workers` at a time): those wait in
+        the queue instead, so a slow domain never holds the capacity the others need,
+        even one that is in every message. Counts change without awaiting, so a
+        cancellation can never lose one."""
         limit = self._config.per_domain
         held = self._domain_busy.get(domain, 0) + self._domain_waiting.get(domain, 0)
-        if held >= min(2 * limit, max(limit, self.concurrency // 2)):
+        if held >= max(limit, min(2 * limit, self.concurrency - 1)):
             yield False
             return
         free = self._domain_free.setdefault(domain, asyncio.Event())
