@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import sys
+
+# How long the event loop's thread keeps the interpreter lock while the spool's writer
+# thread waits for it (Python's default is 5 ms).
+SWITCH_SECONDS = 0.0005
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -30,3 +35,13 @@ def set_startup_aside() -> None:
     gc.collect()  # resets the count of survivors to what is not frozen: few
     young, middle, _ = gc.get_threshold()
     gc.set_threshold(young, middle, 1)
+
+
+def hand_over_quickly() -> None:
+    """The spool's writer thread needs the interpreter lock between the statements of
+    every transaction, and a busy event loop keeps it for the switch interval each
+    time: a 250 waits for a commit that waits, statement after statement, for the
+    loop. In the delivery process the writer does so holding the spool's write turn,
+    which the listener's commits then wait for. A shorter interval costs only while
+    another thread is waiting."""
+    sys.setswitchinterval(SWITCH_SECONDS)

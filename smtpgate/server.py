@@ -15,7 +15,7 @@ from smtpgate import clock, logs
 from smtpgate.auth import Authenticator, auth_file, auth_warning
 from smtpgate.config import Config, DefaultHttpListen
 from smtpgate.delivery.process import DeliveryProcess
-from smtpgate.eventloop import set_startup_aside
+from smtpgate.eventloop import hand_over_quickly, set_startup_aside
 from smtpgate.listener import Connections, Handler, protocol_factory, tls_context
 from smtpgate.passthrough import Passthrough
 from smtpgate.policy import RelayPolicy, refuse_open_relay
@@ -246,6 +246,7 @@ class Server:
                 routes={n: r.mode for n, r in config.routes.items()},
             )
             set_startup_aside()
+            hand_over_quickly()
             # 6. Run until asked to stop.
             self._install_signal_handlers()
             await self._stop.wait()

@@ -25,7 +25,7 @@ import structlog
 
 from smtpgate import crashpoints, logs
 from smtpgate.delivery.process import Go, Recorded, Setup, Stored
-from smtpgate.eventloop import new_event_loop, set_startup_aside
+from smtpgate.eventloop import hand_over_quickly, new_event_loop, set_startup_aside
 from smtpgate.scheduler import (
     DRAIN_SECONDS,
     MESSAGES_PER_CONNECTION_APART,
@@ -81,6 +81,7 @@ class Worker:
             messages_per_connection=MESSAGES_PER_CONNECTION_APART,
         )
         set_startup_aside()
+        hand_over_quickly()
 
     def _report(self, updates: Sequence[RecipientUpdate]) -> None:
         """Results for the server's metrics, gathered for a moment: one notice for many."""
