@@ -529,6 +529,35 @@ class TestSqliteSpool:
         second = SqliteSpool.open(path, exclusive=True)
         asyncio.run(second.close())
 
+    def test_the_server_keeps_the_log_short_while_mail_flows(self, tmp_path: Path) -> None:
+        """The server copies the write-ahead log back into the spool in the background,
+        a few times a second, so the log stays short during a long stream of stores,
+        well before the point where a commit (one a 250 waits for) would do it."""
+        path = tmp_path / "spool.db"
+        server = SqliteSpool.open(path, exclusive=True)
+        wal = Path(f"{path}-wal")
+        content = b"Subject: big\r\n\r\n" + b"y" * 32 * 1024 + b"\r\n"
+        largest = 0
+
+        def log_size() -> int:
+            return wal.stat().st_size
+
+        async def scenario() -> int:
+            nonlocal largest
+            for _ in range(100):  # 1,000 messages, 32 MB
+                await asyncio.gather(
+                    *(server.store(message("a@example.org", content=content)) for _ in range(10))
+                )
+                largest = max(largest, log_size())
+                await asyncio.sleep(0.01)
+            return len(await server.messages())
+
+        try:
+            assert asyncio.run(scenario()) == 1000
+        finally:
+            asyncio.run(server.close())
+        assert largest < 20 * 1024 * 1024, f"the log grew to {largest / 2**20:.0f} MB"
+
     def test_non_exclusive_open_beside_a_server(self, tmp_path: Path) -> None:
         # The CLI reads and writes the spool while the server runs.
         path = tmp_path / "spool.db"

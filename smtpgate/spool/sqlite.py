@@ -48,6 +48,7 @@ from smtpgate.spool.base import (
     SpoolLockedError,
     new_queue_id,
 )
+from smtpgate.spool.checkpoint import FALLBACK_PAGES, Checkpointer
 
 T = TypeVar("T")
 log = logs.get(__name__)
@@ -160,12 +161,14 @@ class SqliteSpool(Spool):
         lock_file: int | None,
         salvaged: salvage.SalvageReport | None,
         reader: _Writer | None = None,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self._writer = writer
         # Reads for people (the jobs page, metrics, job controls) on a connection of their
         # own: counting a million recipients never holds up the commit a 250 waits for.
         self._reader = reader or writer
         self._lock_file = lock_file
+        self._checkpointer = checkpointer
         self.salvaged = salvaged  # what a salvage at this start quarantined, for the log
 
     @classmethod
@@ -182,7 +185,7 @@ class SqliteSpool(Spool):
             report = _checked(path, quarantine) if exclusive else None
             writer = _Writer(path, server=exclusive)
             writer.start_and_wait()
-            reader = None
+            reader = checkpointer = None
             if exclusive:
                 reader = _Writer(path, name="spool-reader")
                 try:
@@ -190,11 +193,13 @@ class SqliteSpool(Spool):
                 except BaseException:
                     writer.stop()
                     raise
+                checkpointer = Checkpointer(path)
+                checkpointer.start()
         except BaseException:
             if lock_file is not None:
                 os.close(lock_file)
             raise
-        return cls(writer, lock_file, report, reader)
+        return cls(writer, lock_file, report, reader, checkpointer)
 
     @property
     def lock_file(self) -> int | None:
@@ -203,6 +208,8 @@ class SqliteSpool(Spool):
         return self._lock_file
 
     async def close(self) -> None:
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
         if self._reader is not self._writer:
             await asyncio.to_thread(self._reader.stop)
         await asyncio.to_thread(self._writer.stop)
@@ -1098,6 +1105,8 @@ class _Writer:
         if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
             raise sqlite3.OperationalError(f"{self._path}: cannot switch to WAL mode")
         db.execute("PRAGMA synchronous = FULL")  # every commit reaches the disk before 250
+        # The server's Checkpointer copies the log back off the commit path.
+        db.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_PAGES}")
         db.execute("PRAGMA foreign_keys = ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
