@@ -12,7 +12,6 @@ it again from the beginning instead of letting it grow.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import sqlite3
@@ -28,6 +27,7 @@ RESTART_PAGES = 2000  # log pages (8 MB of 4 KiB) past which the turn is taken t
 # The spool's connections still checkpoint in a commit past this many pages: only when
 # no server runs (the CLI alone) or this thread cannot keep up.
 FALLBACK_PAGES = 10000
+LOG_BYTES_KEPT = 16 << 20  # a longer log file is cut back to this when it starts over
 
 
 class Checkpointer:
@@ -46,35 +46,54 @@ class Checkpointer:
 
     def _run(self) -> None:
         try:
-            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
             turn = os.open(f"{self._path}.turn", os.O_RDWR | os.O_CREAT, 0o600)
-        except (sqlite3.Error, OSError) as error:
-            log.warning(
-                "cannot checkpoint the spool's log in the background; commits will",
-                error=str(error),
-            )
+        except OSError as error:
+            self._cannot(error)
+            return
+        try:
+            db = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+            db.execute("PRAGMA synchronous = FULL")  # the copy is flushed before it counts
+        except sqlite3.Error as error:
+            os.close(turn)
+            self._cannot(error)
             return
         failing = False
-        with contextlib.closing(db):
+        restarted_at = 0  # the log's size when the turn was last taken to finish a copy
+        try:
             while not self._stop.wait(CHECK_SECONDS):
                 try:
-                    self._copy(db, turn)
-                except sqlite3.Error as error:
+                    restarted_at = self._copy(db, turn, restarted_at)
+                except Exception as error:  # never die: commits would do it, with the turn
                     if not failing:  # once, not five times a second
-                        log.warning("cannot checkpoint the spool's log", error=str(error))
+                        log.warning("cannot copy the spool's log back", error=str(error))
                     failing = True
                 else:
                     failing = False
-        os.close(turn)
+        finally:
+            db.close()
+            os.close(turn)
 
     @staticmethod
-    def _copy(db: sqlite3.Connection, turn: int) -> None:
-        """PASSIVE copies what no reader still needs and never waits for anyone."""
-        _, pages, _ = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        if pages < RESTART_PAGES:
-            return
+    def _copy(db: sqlite3.Connection, turn: int, restarted_at: int) -> int:
+        """PASSIVE copies what no reader still needs and never waits for anyone. The turn
+        is taken only when it helps: the log is long, everything in it could be copied
+        (no reader holds old pages), and it grew since the turn was last taken (an idle
+        log stays long until the next writer starts it over)."""
+        _, pages, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        pages, copied = int(pages), int(copied)
+        if pages < RESTART_PAGES or copied < pages or pages == restarted_at:
+            return restarted_at
         fcntl.flock(turn, fcntl.LOCK_EX)  # no writer adds pages while the rest is copied
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         finally:
             fcntl.flock(turn, fcntl.LOCK_UN)
+        return pages
+
+    @staticmethod
+    def _cannot(error: Exception) -> None:
+        log.warning(
+            "cannot copy the spool's log back in the background; commits will do it"
+            f" themselves past {FALLBACK_PAGES} pages",
+            error=str(error),
+        )

@@ -48,7 +48,7 @@ from smtpgate.spool.base import (
     SpoolLockedError,
     new_queue_id,
 )
-from smtpgate.spool.checkpoint import FALLBACK_PAGES, Checkpointer
+from smtpgate.spool.checkpoint import FALLBACK_PAGES, LOG_BYTES_KEPT, Checkpointer
 
 T = TypeVar("T")
 log = logs.get(__name__)
@@ -194,7 +194,12 @@ class SqliteSpool(Spool):
                     writer.stop()
                     raise
                 checkpointer = Checkpointer(path)
-                checkpointer.start()
+                try:
+                    checkpointer.start()
+                except BaseException:
+                    reader.stop()
+                    writer.stop()
+                    raise
         except BaseException:
             if lock_file is not None:
                 os.close(lock_file)
@@ -1107,6 +1112,7 @@ class _Writer:
         db.execute("PRAGMA synchronous = FULL")  # every commit reaches the disk before 250
         # The server's Checkpointer copies the log back off the commit path.
         db.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit = {LOG_BYTES_KEPT}")  # after a burst
         db.execute("PRAGMA foreign_keys = ON")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
