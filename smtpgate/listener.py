@@ -772,6 +772,14 @@ class GatewaySMTP(SMTP):
         self._reset_timeout()
         super().data_received(data)
 
+    def eof_received(self) -> bool | None:
+        """The client is gone: the transport closes now. aiosmtpd cancels the session's
+        task and leaves the closing to it, but a task cancelled before its first step
+        (a client that hung up before the loop accepted it) never closes anything: the
+        connection stayed counted open, and shutdown waited its grace period for it."""
+        super().eof_received()
+        return False
+
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted:
             self._counted = False

@@ -17,6 +17,7 @@ from conftest import GatewayFactory, wait_until
 
 from smtpgate import configfile
 from smtpgate.config import Config
+from smtpgate.eventloop import new_event_loop
 from smtpgate.listener import Connections, Handler, protocol_factory
 from smtpgate.policy import RelayPolicy
 from smtpgate.router import Envelope, Router
@@ -354,3 +355,46 @@ def test_commands_pipelined_after_the_final_dot_are_answered(
         "b@example.com",
         "c@example.com",
     ]
+
+
+def _hang_up_at_once(port: int) -> None:
+    """Connect and close while the event loop is not looking (a port probe): the
+    gateway accepts the connection and reads its end in the same turn."""
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    time.sleep(0.2)
+
+
+def test_a_client_gone_before_its_session_began_is_not_counted_open(tmp_path: Path) -> None:
+    """Otherwise shutdown waits the whole grace period (10 s) for a session that will
+    never end: seen with a probe that connected while the gateway was starting."""
+    config = configfile.validate(
+        {"server": {"state_dir": str(tmp_path), "hostname": "gateway.test"}}
+    )
+    connections = Connections(10, 10)
+
+    async def scenario() -> None:
+        spool = SqliteSpool.open(tmp_path / "spool.db")
+        handler = Handler(
+            config,
+            spool,
+            Router(config),
+            RelayPolicy(config.server.trusted_networks),
+            on_stored=lambda: None,
+        )
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            protocol_factory(config, handler, connections), "127.0.0.1", 0
+        )
+        try:
+            _hang_up_at_once(server.sockets[0].getsockname()[1])
+            await asyncio.sleep(0.1)  # the loop accepts it
+            async with asyncio.timeout(5):
+                await connections.idle.wait()
+            assert connections.open == 0
+        finally:
+            server.close()
+            await server.wait_closed()
+            await spool.close()
+
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(scenario())
