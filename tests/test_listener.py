@@ -276,6 +276,17 @@ class FullDiskSpool(SqliteSpool):
         raise OSError(28, "No space left on device")
 
 
+def in_process_handler(config: Config, spool: SqliteSpool, router: Router | None = None) -> Handler:
+    """The listener's handler as the server builds it, on this process's event loop."""
+    return Handler(
+        config,
+        spool,
+        router or Router(config),
+        RelayPolicy(config.server.trusted_networks),
+        on_stored=lambda: None,
+    )
+
+
 async def _one_transaction(config: Config, handler: Handler) -> tuple[int, str]:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
@@ -307,15 +318,8 @@ def test_faults_inside_smtpgate_answer_451_without_leaking(tmp_path: Path, fault
         spool_class = FullDiskSpool if fault == "disk full" else SqliteSpool
         spool = spool_class.open(tmp_path / "spool.db")
         router = ExplodingRouter(config) if fault == "router raises" else Router(config)
-        handler = Handler(
-            config,
-            spool,
-            router,
-            RelayPolicy(config.server.trusted_networks),
-            on_stored=lambda: None,
-        )
         try:
-            return await _one_transaction(config, handler)
+            return await _one_transaction(config, in_process_handler(config, spool, router))
         finally:
             await spool.close()
 
@@ -374,16 +378,11 @@ def test_a_client_gone_before_its_session_began_is_not_counted_open(tmp_path: Pa
 
     async def scenario() -> None:
         spool = SqliteSpool.open(tmp_path / "spool.db")
-        handler = Handler(
-            config,
-            spool,
-            Router(config),
-            RelayPolicy(config.server.trusted_networks),
-            on_stored=lambda: None,
-        )
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
-            protocol_factory(config, handler, connections), "127.0.0.1", 0
+            protocol_factory(config, in_process_handler(config, spool), connections),
+            "127.0.0.1",
+            0,
         )
         try:
             _hang_up_at_once(server.sockets[0].getsockname()[1])
