@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import smtplib
 import time
@@ -222,6 +223,50 @@ def test_421_greeting_is_deferred_then_delivered(
     upstream = upstreams.start(port=busy.port)
     gateway.wait_for_state("b@example.com", "delivered")
     assert len(upstream.messages) == 1
+
+
+class ClosesAtSecondRcpt(asyncio.Protocol):
+    """Takes MAIL and one RCPT, then answers the next RCPT with 421 and hangs up, as a
+    server going down for maintenance does (RFC 5321 3.8)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.transport = transport
+        self.rcpts = 0
+        transport.write(b"220 closing.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        for line in data.split(b"\r\n")[:-1]:
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                self.transport.write(b"250-closing.test\r\n250 8BITMIME\r\n")
+            elif verb == b"RCPT" and self.rcpts == 1:
+                self.transport.write(b"421 4.3.2 Shutting down for maintenance\r\n")
+                self.transport.close()
+                return
+            else:
+                self.rcpts += verb == b"RCPT"
+                self.transport.write(b"250 ok\r\n")
+
+
+def test_421_to_a_recipient_defers_the_whole_message_then_delivers_it_once(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    closing = upstreams.start_protocol(ClosesAtSecondRcpt)
+    gateway = gateway_factory(
+        relay_config(closing.port, retry='["1s"]'), server=with_default_route("upstream")
+    )
+
+    send(gateway.port, "a@example.org", ["first@example.com", "second@example.com"])
+    for address in ("first@example.com", "second@example.com"):
+        deferred = gateway.wait_for_state(address, "deferred")
+        assert deferred["last_reply"] == "421 4.3.2 Shutting down for maintenance"
+
+    closing.stop()
+    upstream = upstreams.start(port=closing.port)
+    gateway.wait_for_state("first@example.com", "delivered")
+    gateway.wait_for_state("second@example.com", "delivered")
+    assert [m.rcpt_tos for m in upstream.messages] == [["first@example.com", "second@example.com"]]
 
 
 def test_450_to_data_is_deferred_then_delivered_once(
