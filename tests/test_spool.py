@@ -48,7 +48,16 @@ def sqlite_backend(tmp_path: Path) -> Backend:
     return Backend("sqlite", lambda: SqliteSpool.open(path))
 
 
-BACKENDS: dict[str, Callable[[Path], Backend]] = {"sqlite": sqlite_backend}
+def sqlite_on_loop_backend(tmp_path: Path) -> Backend:
+    """The delivery process's connection: its transactions on the caller's event loop."""
+    path = tmp_path / "spool.db"
+    return Backend("sqlite-on-loop", lambda: SqliteSpool.open(path, on_loop=True))
+
+
+BACKENDS: dict[str, Callable[[Path], Backend]] = {
+    "sqlite": sqlite_backend,
+    "sqlite-on-loop": sqlite_on_loop_backend,
+}
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -591,6 +600,75 @@ class TestSqliteSpool:
                 assert not storing.done(), "a write went on while another writer had the turn"
             second = await storing
             assert await server.content(second) == CONTENT
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            asyncio.run(server.close())
+
+    def test_the_delivery_process_waits_for_the_turn_with_its_loop_going_on(
+        self, tmp_path: Path
+    ) -> None:
+        """The delivery process runs its transactions on its event loop: while the
+        listener has the turn, its lease and results wait for it on another thread, the
+        loop goes on meanwhile, and all that queued up lands once the turn is given back."""
+        path = tmp_path / "spool.db"
+        server = SqliteSpool.open(path, exclusive=True)
+        delivery = SqliteSpool.open(path, on_loop=True)
+
+        async def scenario() -> None:
+            first = await server.store(message("a@example.org"))
+            [lease] = await delivery.lease_due(["corp"], T0 + 1e9, 10)
+            second = await server.store(message("b@example.org"))
+            ticks = 0
+
+            async def tick() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            ticking = asyncio.create_task(tick())
+            with another_writer_has_the_turn(path):
+                [sent] = lease.recipients
+                update = RecipientUpdate(sent.id, RecipientState.DELIVERED, "250 ok")
+                recording = asyncio.ensure_future(delivery.record([update], T0 + 1e9))
+                leasing = asyncio.ensure_future(delivery.lease_due(["corp"], T0 + 1e9, 10))
+                await asyncio.sleep(0.3)
+                assert not recording.done() and not leasing.done()
+                assert ticks >= 10, f"the loop stood still while waiting: {ticks} ticks"
+            await recording
+            assert [d.queue_id for d in await leasing] == [second]
+            ticking.cancel()
+            assert await states(server, first) == {"a@example.org": RecipientState.DELIVERED}
+            assert await states(server, second) == {"b@example.org": RecipientState.SENDING}
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            asyncio.run(delivery.close())
+            asyncio.run(server.close())
+
+    def test_the_delivery_process_closes_once_what_waits_for_the_turn_landed(
+        self, tmp_path: Path
+    ) -> None:
+        path = tmp_path / "spool.db"
+        server = SqliteSpool.open(path, exclusive=True)
+        delivery = SqliteSpool.open(path, on_loop=True)
+
+        async def scenario() -> None:
+            queue_id = await server.store(message("a@example.org"))
+            [lease] = await delivery.lease_due(["corp"], T0 + 1e9, 10)
+            update = RecipientUpdate(lease.recipients[0].id, RecipientState.FAILED, "550 no")
+            with another_writer_has_the_turn(path):
+                recording = asyncio.ensure_future(delivery.record([update], T0 + 1e9))
+                await asyncio.sleep(0)
+                closing = asyncio.ensure_future(delivery.close())
+                await asyncio.sleep(0.2)
+                assert not closing.done()
+            await closing
+            await recording
+            assert await states(server, queue_id) == {"a@example.org": RecipientState.FAILED}
 
         try:
             asyncio.run(scenario())

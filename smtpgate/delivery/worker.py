@@ -68,7 +68,7 @@ class Worker:
     async def _set_up(self, setup: Setup) -> None:
         logs.configure(setup.log_level, setup.log_format)
         config = setup.config
-        self._spool = SqliteSpool.open(config.spool_path())
+        self._spool = SqliteSpool.open(config.spool_path(), on_loop=True)
         self._transports = build_transports(config, setup.routes, setup.passwords, self._spool)
         for transport in {id(t): t for t in self._transports.values()}.values():
             await transport.start()
