@@ -269,6 +269,87 @@ def test_421_to_a_recipient_defers_the_whole_message_then_delivers_it_once(
     assert [m.rcpt_tos for m in upstream.messages] == [["first@example.com", "second@example.com"]]
 
 
+class RefusesFirstData(asyncio.Protocol):
+    """Refuses the first DATA of each connection with 451 and keeps the transaction
+    open, as RFC 5321 allows: MAIL before RSET then gets "503 nested MAIL", as Postfix
+    answers. Records the recipients of what it takes, and the connections it saw."""
+
+    connections = 0
+
+    def __init__(self, delivered: list[list[str]]) -> None:
+        self.delivered = delivered
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        RefusesFirstData.connections += 1
+        self.transport = transport
+        self.buffer = b""
+        self.rcpts: list[str] | None = None  # in a transaction
+        self.refused = False
+        self.in_data = False
+        transport.write(b"220 picky.test ESMTP\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.buffer = self.buffer[end + 5 :]
+                self.in_data = False
+                self.delivered.append(self.rcpts or [])
+                self.rcpts = None
+                self.transport.write(b"250 2.0.0 taken\r\n")
+                continue
+            line, found, rest = self.buffer.partition(b"\r\n")
+            if not found:
+                return
+            self.buffer = rest
+            self.transport.write(self.reply(line))
+
+    def reply(self, line: bytes) -> bytes:
+        verb = line[:4].upper()
+        if verb == b"EHLO":
+            return b"250-picky.test\r\n250 8BITMIME\r\n"
+        if verb == b"MAIL":
+            if self.rcpts is not None:
+                return b"503 5.5.1 Error: nested MAIL command\r\n"
+            self.rcpts = []
+        elif verb == b"RCPT" and self.rcpts is not None:
+            self.rcpts.append(line.decode().split("<")[1].rstrip(">"))
+        elif verb == b"RSET":
+            self.rcpts = None
+        elif verb == b"DATA":
+            if not self.refused:
+                self.refused = True
+                return b"451 4.3.0 Try again later\r\n"
+            self.in_data = True
+            return b"354 go ahead\r\n"
+        return b"250 ok\r\n"
+
+
+def test_a_refused_data_is_reset_so_the_next_message_goes_on_the_same_connection(
+    gateway_factory: GatewayFactory, upstreams: Upstreams
+) -> None:
+    delivered: list[list[str]] = []
+    RefusesFirstData.connections = 0
+    picky = upstreams.start_protocol(lambda: RefusesFirstData(delivered))
+    gateway = gateway_factory(
+        relay_config(picky.port, retry='["2s"]'), server=with_default_route("upstream")
+    )
+
+    send(gateway.port, "a@example.org", ["first@example.com"])
+    deferred = gateway.wait_for_state("first@example.com", "deferred")
+    assert deferred["last_reply"] == "451 4.3.0 Try again later"
+    send(gateway.port, "a@example.org", ["second@example.com"])
+
+    gateway.wait_for_state("second@example.com", "delivered")
+    gateway.wait_for_state("first@example.com", "delivered")
+    assert sorted(delivered) == [["first@example.com"], ["second@example.com"]]
+    assert RefusesFirstData.connections == 1
+
+
 def test_450_to_data_is_deferred_then_delivered_once(
     gateway_factory: GatewayFactory, upstreams: Upstreams
 ) -> None:

@@ -243,16 +243,23 @@ def test_many_short_replies_in_one_chunk_are_not_one_long_reply() -> None:
 
 
 class FakeTransport:
-    """Just the protocol slot of an asyncio transport."""
+    """Just the protocol slot of an asyncio transport, and whether it was closed."""
 
     def __init__(self, protocol: asyncio.BaseProtocol) -> None:
         self.protocol = protocol
+        self.closed = False
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         return self.protocol
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         self.protocol = protocol
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
 
 
 def test_borrowed_routes_data_to_the_reader_and_gives_it_back() -> None:
@@ -283,6 +290,17 @@ def test_borrowed_does_not_give_back_a_lost_connection(how: str) -> None:
         else:
             reader.eof_received()
     assert transport.protocol is reader
+
+
+def test_borrowed_closes_a_connection_whose_reply_was_broken() -> None:
+    """After a reply that is not SMTP nothing on the connection can be trusted: closed,
+    so it never goes back to the pool with the reader still in its protocol slot."""
+    original = asyncio.Protocol()
+    transport = FakeTransport(original)
+    with borrowed(cast(asyncio.Transport, transport)) as reader:
+        reader.data_received(b"250 ok\r\nwhat is this\r\n")
+    assert reader.lost
+    assert transport.closed
 
 
 # --- dot_stuffed ------------------------------------------------------------------------

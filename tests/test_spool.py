@@ -675,6 +675,34 @@ class TestSqliteSpool:
         finally:
             asyncio.run(server.close())
 
+    def test_a_loop_that_ended_waiting_for_the_turn_leaves_the_next_one_working(
+        self, tmp_path: Path
+    ) -> None:
+        """The delivery connection outlives an event loop that gave up on a write while
+        the turn was held elsewhere: the next loop writes, and the turn is not kept."""
+        path = tmp_path / "spool.db"
+        server = SqliteSpool.open(path, exclusive=True)
+        delivery = SqliteSpool.open(path, on_loop=True)
+        queue_id = asyncio.run(server.store(message("a@example.org")))
+
+        async def give_up_waiting() -> None:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(delivery.retry_now(None, T0), 0.2)
+
+        with another_writer_has_the_turn(path):
+            asyncio.run(give_up_waiting())
+        try:
+            [lease] = asyncio.run(delivery.lease_due(["corp"], T0 + 1e9, 10))
+            assert lease.queue_id == queue_id
+            with another_writer_has_the_turn(path):  # the turn was given back
+                pass
+            assert asyncio.run(states(server, queue_id)) == {
+                "a@example.org": RecipientState.SENDING
+            }
+        finally:
+            asyncio.run(delivery.close())
+            asyncio.run(server.close())
+
     def test_stores_queued_together_still_fail_alone(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:

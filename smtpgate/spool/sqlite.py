@@ -1172,25 +1172,36 @@ class _LoopWriter:
     runs straight through, the loop stopping for it; only a wait for the turn while
     the listener holds it goes to a thread, and what is queued meanwhile joins it.
 
-    Its commits are not flushed (synchronous = NORMAL), which keeps the disk's flush out
-    of the loop: a power cut may take back the last leases and results, so a message may
-    be delivered again, as after any crash mid-delivery, but none is lost; and the
-    listener's next commit flushes them with its own, being later in the same log."""
+    Its commits do not wait for the disk (synchronous = NORMAL), and it leaves the
+    copying of the log to the server's Checkpointer: a power cut may take back the last
+    leases and results, so a message may be delivered again, as after any crash
+    mid-delivery, but none is lost; the listener's next commit flushes them with its
+    own, being later in the same log.
+
+    One event loop at a time uses it (a closed loop's leftovers are dropped when the
+    next one comes, as `asyncio.run` after `asyncio.run` in the tests)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._db: sqlite3.Connection | None = None
         self._turn: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it serves
         self._queued: list[Queued] = []
         self._flushing = False  # a flush is scheduled on the loop
         self._turn_due: asyncio.Future[None] | None = None  # the turn waited for on a thread
+        self._closing = False
+        # The thread's hand-over: `_handed` while the loop has been given the turn and has
+        # not taken it yet; under `_handing` so a loop that closed meanwhile gives it back.
+        self._handing = threading.Lock()
+        self._handed = False
         self._turn_requests: queue.SimpleQueue[asyncio.AbstractEventLoop | None] = (
             queue.SimpleQueue()
         )
         self._turn_thread: threading.Thread | None = None
 
     def start_and_wait(self) -> None:
-        self._db = _connect(self._path, server=False, durable=False)
+        db = self._db = _connect(self._path, server=False, durable=False)
+        db.execute("PRAGMA wal_autocheckpoint = 0")  # the server's Checkpointer's work
         self._turn = _open_turn(self._path)
         if self._turn is not None:
             self._turn_thread = threading.Thread(
@@ -1199,7 +1210,11 @@ class _LoopWriter:
             self._turn_thread.start()
 
     async def close(self) -> None:
-        """Once what was submitted has run."""
+        """Once what was submitted has run; what is submitted meanwhile is refused."""
+        if self._closing:
+            return
+        self._closing = True
+        self._serve(asyncio.get_running_loop())
         while self._turn_due is not None or self._queued:
             if self._turn_due is not None:
                 await asyncio.wait({self._turn_due})
@@ -1223,15 +1238,35 @@ class _LoopWriter:
         together: Together | None = None,
     ) -> asyncio.Future[T]:
         """See _Writer.submit: the same batches, run at the loop's next turn."""
-        if self._db is None:
+        if self._db is None or self._closing:
             raise RuntimeError("the spool is closed")
         loop = asyncio.get_running_loop()
+        self._serve(loop)
         future: asyncio.Future[T] = loop.create_future()
         self._queued.append((operation, future, loop, reads_only, together))
-        if not self._flushing and self._turn_due is None:
-            self._flushing = True
-            loop.call_soon(self._flush)
+        self._flush_soon()
         return future
+
+    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is loop:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            raise RuntimeError("the spool's connection is in use by another event loop")
+        self._loop = loop
+        # What the closed loop left: its futures can no longer be resolved, its flush
+        # will not run, and a turn handed to it must be given back.
+        self._queued = [item for item in self._queued if item[2] is loop]
+        self._flushing = False
+        self._turn_due = None  # the thread gives back a turn taken for a closed loop
+        with self._handing:
+            if self._handed and self._turn is not None:
+                fcntl.flock(self._turn, fcntl.LOCK_UN)
+            self._handed = False
+
+    def _flush_soon(self) -> None:
+        if self._queued and not self._flushing and self._turn_due is None:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flushing = False
@@ -1249,24 +1284,27 @@ class _LoopWriter:
                 self._turn_due = loop.create_future()
                 self._turn_requests.put(loop)
                 return
-            _run_holding_turn(self._db, self._turn, batch)
-        self._flush_later()
+            except OSError as error:
+                _settle_outcomes([(item[1], item[2], None, error) for item in batch])
+            else:
+                _run_holding_turn(self._db, self._turn, batch)
+        self._flush_soon()
 
     def _turn_came(self, error: OSError | None) -> None:
+        with self._handing:
+            held, self._handed = self._handed, False
         due, self._turn_due = self._turn_due, None
         batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
-        if error is not None or self._db is None or self._turn is None:
-            _settle_outcomes([(item[1], item[2], None, error) for item in batch])
-        else:
+        if error is None and held and self._db is not None and self._turn is not None:
             _run_holding_turn(self._db, self._turn, batch)
-        if due is not None:
+        else:
+            if held and self._turn is not None:
+                fcntl.flock(self._turn, fcntl.LOCK_UN)
+            failure = error or RuntimeError("the spool is closed")
+            _settle_outcomes([(item[1], item[2], None, failure) for item in batch])
+        if due is not None and not due.done():
             due.set_result(None)
-        self._flush_later()
-
-    def _flush_later(self) -> None:
-        if self._queued and not self._flushing:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._flush_soon()
 
     def _wait_for_turns(self, turn: int) -> None:
         """The thread: take the turn for the loop (a lock of the open file, so the loop
@@ -1277,11 +1315,14 @@ class _LoopWriter:
                 fcntl.flock(turn, fcntl.LOCK_EX)
             except OSError as failed:
                 error = failed
-            try:
-                loop.call_soon_threadsafe(self._turn_came, error)
-            except RuntimeError:  # the loop closed meanwhile: nothing will use the turn
-                if error is None:
-                    fcntl.flock(turn, fcntl.LOCK_UN)
+            with self._handing:
+                try:
+                    loop.call_soon_threadsafe(self._turn_came, error)
+                except RuntimeError:  # the loop closed meanwhile: nothing will use the turn
+                    if error is None:
+                        fcntl.flock(turn, fcntl.LOCK_UN)
+                else:
+                    self._handed = error is None
 
 
 def _run_holding_turn(db: sqlite3.Connection, turn: int, batch: list[Queued]) -> None:

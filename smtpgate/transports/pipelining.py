@@ -142,6 +142,8 @@ def borrowed(transport: asyncio.Transport) -> Iterator[ReplyReader]:
     finally:
         if not reader.lost:
             transport.set_protocol(original)
+        elif not transport.is_closing():  # a broken reply: nothing after it is to be trusted,
+            transport.close()  # and the connection must not go back to the pool
 
 
 def dot_stuffed(content: bytes) -> bytes:

@@ -343,12 +343,15 @@ class UpstreamSession:
                     break
                 outcomes[recipient.id] = Outcome.from_reply(reply.code, reply.text, Scope.RECIPIENT)
             if not accepted:
-                transport.write(b"RSET\r\n")
-                await self._drain_reply(reader, timeout)
+                await self._reset_borrowed(transport, reader)
                 return outcomes, postponed
-            reply = await reply_to(b"DATA\r\n", "DATA")
+            # DATA may wait for checks of the envelope (RFC 5321 4.5.3.2.2: 2 minutes).
+            reply = await reply_to(b"DATA\r\n", "DATA", self._endpoint.data_timeout)
             if reply.code != 354:
                 self._lost_if_closing(reply, reader, "DATA")
+                self.transactions += 1
+                # RFC 5321 does not say that a refused DATA ends the transaction.
+                await self._reset_borrowed(transport, reader)
                 final = Outcome.from_reply(reply.code, reply.text, Scope.MESSAGE)
             else:
                 await self._write_content(transport, reader, delivery.content)
@@ -356,8 +359,8 @@ class UpstreamSession:
                     done = await reader.next(self._endpoint.data_timeout)
                 except (TimeoutError, ConnectionDropped, PipelineBroken) as error:
                     raise self._lost(error, "DATA", unknown=True) from None
-                if done.code == 421:  # RFC 5321 3.8: the server is closing the session
-                    self.close()
+                if not 200 <= done.code < 300:
+                    self._lost_if_closing(done, reader, "DATA")
                 self.transactions += 1
                 final = Outcome.from_reply(done.code, done.text, Scope.MESSAGE)
         outcomes.update(dict.fromkeys((r.id for r in accepted), final))
@@ -419,8 +422,7 @@ class UpstreamSession:
                     outcome = Outcome.from_reply(data.code, data.text, Scope.MESSAGE)
                     outcomes.update(dict.fromkeys((r.id for r in accepted), outcome))
                 if mail.code < 300:
-                    transport.write(b"RSET\r\n")
-                    await self._drain_reply(reader, timeout)
+                    await self._reset_borrowed(transport, reader)
                 return outcomes, postponed
             if accepted:
                 await self._write_content(transport, reader, delivery.content)
@@ -480,16 +482,15 @@ class UpstreamSession:
                 raise self._lost(error, "DATA", unknown=True) from None
         return Outcome.from_reply(final.code, final.text, Scope.MESSAGE)
 
-    async def _drain_reply(self, reader: ReplyReader, within: float) -> None:
+    async def _reset_borrowed(self, transport: asyncio.Transport, reader: ReplyReader) -> None:
+        """RSET on the borrowed transport; a connection whose RSET fails is not reused."""
+        transport.write(b"RSET\r\n")
         try:
-            await reader.next(within)
+            reply = await reader.next(self._endpoint.timeout)
         except (TimeoutError, ConnectionDropped, PipelineBroken):
             self.close()
-
-    async def _reset(self) -> None:
-        try:
-            await self._client.rset()
-        except (OSError, aiosmtplib.SMTPException):
+            return
+        if not 200 <= reply.code < 300:
             self.close()
 
     # --- one live transaction, step by step (passthrough) ----------------------------
