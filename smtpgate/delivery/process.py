@@ -3,7 +3,7 @@ that it has a CPU core, and an interpreter lock, of its own while the listener k
 other.
 
 Both processes work on the one spool: the listener stores, the child leases, sends and
-records, each through its own connection; the spool's write turn (spool/sqlite.py) hands
+records, each through its own connection; the spool's write turn (spool/writers.py) hands
 the file from one writer to the other without SQLite's polling. The server tells the
 child when mail was stored; the child tells the server what it recorded, for the
 metrics. If the child dies, the recipients it had leased are released (its deliveries

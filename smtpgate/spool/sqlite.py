@@ -1,29 +1,21 @@
 """SQLite spool: the embedded default, one file in WAL mode.
 
-In the server, all statements run on one thread that owns the connection. Operations
-queued while a transaction commits are batched into the next one, so many concurrent SMTP
-sessions share one WAL fsync (group commit) instead of paying one disk flush each. Stores,
-and results, queued together also share their statements: each statement the thread runs
-lets go of the interpreter lock and must wait to take it back from the busy event loop,
-and those waits, not SQLite, were most of a commit's time while the spool's write turn
-was held. The delivery process runs its batches on its event loop's thread instead
-(_LoopWriter), so that the turn it takes is given back as soon as SQLite is done.
+Its statements run in batches on a writer (`spool/writers.py`): a thread in the server,
+where many SMTP sessions share one commit and one WAL fsync, the event loop's own thread
+in the delivery process.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import fcntl
 import functools
 import itertools
 import json
 import os
-import queue
 import sqlite3
-import threading
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -51,15 +43,10 @@ from smtpgate.spool.base import (
     new_queue_id,
 )
 from smtpgate.spool.checkpoint import FALLBACK_PAGES, LOG_BYTES_KEPT, Checkpointer
+from smtpgate.spool.writers import LoopWriter, ThreadWriter
 
 T = TypeVar("T")
 log = logs.get(__name__)
-Operation = Callable[[sqlite3.Connection], Any]
-# An operation that can also run in one go with its queued neighbours of the same kind:
-# (run_many, its argument); run_many takes the arguments and returns the results in order.
-Together = tuple[Callable[[sqlite3.Connection, list[Any]], list[Any]], Any]
-Queued = tuple[Operation, asyncio.Future[Any], asyncio.AbstractEventLoop, bool, Together | None]
-Settled = tuple[asyncio.Future[Any], Any, BaseException | None]
 
 SCHEMA_VERSION = 3
 MIGRATIONS = {  # from version N to N + 1
@@ -150,7 +137,6 @@ INSERT_RECIPIENTS = (
 MIN_SQLITE = (3, 35, 0)
 LEASE_WINDOW = 5000  # at most this many due recipients looked at to find the oldest-due
 LEASE_ROWS_MIN, LEASE_ROWS_PER_MESSAGE = 100, 20  # the window for a smaller lease
-MAX_BATCH = 512  # operations per transaction; bounds the latency one commit adds
 ROWS_PER_STATEMENT = 256  # at most 2,560 bound values, far under SQLite's limit
 
 
@@ -159,10 +145,10 @@ class SqliteSpool(Spool):
 
     def __init__(
         self,
-        writer: _Writer | _LoopWriter,
+        writer: ThreadWriter | LoopWriter,
         lock_file: int | None,
         salvaged: salvage.SalvageReport | None,
-        reader: _Writer | _LoopWriter | None = None,
+        reader: ThreadWriter | LoopWriter | None = None,
         checkpointer: Checkpointer | None = None,
     ) -> None:
         self._writer = writer
@@ -187,22 +173,28 @@ class SqliteSpool(Spool):
         spool: a damaged one is salvaged with its damage moved into `quarantine`, or,
         without one or when salvage is impossible, refused with SpoolDamagedError.
         `on_loop`: the delivery process's connection, used on the caller's event loop
-        thread, its commits not flushed (see _LoopWriter)."""
+        thread (LoopWriter). Its commits do not wait for the disk (synchronous =
+        NORMAL), and it leaves copying the log back to the server's Checkpointer: a power
+        cut may take back its last leases and results, so a message may be delivered
+        again, as after any crash mid-delivery, but none is lost; and the listener's next
+        commit flushes them with its own, being later in the same log."""
         path.parent.mkdir(parents=True, exist_ok=True)
         if on_loop:
             if exclusive:
                 raise ValueError("the server's own connection runs on a thread of its own")
-            on_the_loop = _LoopWriter(path)
+            on_the_loop = LoopWriter(
+                path, functools.partial(_connect, path, durable=False, checkpoints=False)
+            )
             on_the_loop.start_and_wait()
             return cls(on_the_loop, None, None)
         lock_file = _take_lock(path) if exclusive else None
         try:
             report = _checked(path, quarantine) if exclusive else None
-            writer = _Writer(path, server=exclusive)
+            writer = ThreadWriter(path, functools.partial(_connect, path, server=exclusive))
             writer.start_and_wait()
             reader = checkpointer = None
             if exclusive:
-                reader = _Writer(path, name="spool-reader")
+                reader = ThreadWriter(path, functools.partial(_connect, path), name="spool-reader")
                 try:
                     reader.start_and_wait()
                 except BaseException:
@@ -1068,286 +1060,13 @@ def _take_lock(path: Path) -> int:
     return fd
 
 
-class _Writer:
-    """The one thread that owns the connection and runs queued operations in batches.
-
-    A batch that writes first takes the spool's write turn, a lock file the server, its
-    delivery process and the CLI share: a writer waiting for it is woken the moment the
-    other lets go, where SQLite's own busy handler would sleep and poll (1, 2, 5, 10 ms
-    and more), and two processes writing all the time would mostly wait."""
-
-    def __init__(self, path: Path, *, server: bool = False, name: str = "spool-writer") -> None:
-        self._path = path
-        self._turn: int | None = None  # the write turn's lock file, when it can be opened
-        self._server = server  # the server may complete the schema; a CLI reader writes nothing
-        self._queue: queue.SimpleQueue[Queued | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._ready = threading.Event()
-        self._open_error: BaseException | None = None
-
-    def start_and_wait(self) -> None:
-        self._thread.start()
-        self._ready.wait()
-        if self._open_error is not None:
-            raise self._open_error
-
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    async def close(self) -> None:
-        await asyncio.to_thread(self.stop)
-
-    def submit(
-        self,
-        operation: Callable[[sqlite3.Connection], T],
-        *,
-        reads_only: bool = False,
-        together: Together | None = None,
-    ) -> asyncio.Future[T]:
-        """Run `operation` in the next transaction. A batch of reads only begins a deferred
-        transaction, so `smtpgate queue` in another process never holds up a write.
-        `together` runs it with its queued neighbours of the same kind in one go instead;
-        should that fail, each runs alone, so a failing one still fails alone."""
-        if not self._thread.is_alive():
-            raise RuntimeError("the spool is closed")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((operation, future, loop, reads_only, together))
-        return future
-
-    def _run(self) -> None:
-        try:
-            db = _connect(self._path, server=self._server)
-        except BaseException as error:
-            self._open_error = error
-            self._ready.set()
-            return
-        self._ready.set()
-        stopping = False
-        self._turn = _open_turn(self._path)
-        with contextlib.closing(db):
-            while not stopping:
-                first = self._queue.get()
-                batch = []
-                if first is None:
-                    stopping = True
-                else:
-                    batch.append(first)
-                while len(batch) < MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stopping = True
-                    else:
-                        batch.append(item)
-                if batch:
-                    with self._write_turn(reads_only=all(item[3] for item in batch)):
-                        _run_batch(db, batch)
-        if self._turn is not None:
-            os.close(self._turn)
-
-    @contextlib.contextmanager
-    def _write_turn(self, *, reads_only: bool) -> Generator[None, None, None]:
-        if reads_only or self._turn is None:
-            yield
-            return
-        fcntl.flock(self._turn, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._turn, fcntl.LOCK_UN)
-
-
-class _LoopWriter:
-    """The delivery process's connection, used on its event loop's own thread.
-
-    Its leases and results hold the write turn that the listener's commits, and so its
-    250s, wait for. Run on a writer thread, each statement of such a write waited for
-    the interpreter lock held by the busy event loop: 0.2 ms of work held the turn for
-    5 to 15 ms at the 99th percentile, half of a 250's slowest waits. Here a transaction
-    runs straight through, the loop stopping for it; only a wait for the turn while
-    the listener holds it goes to a thread, and what is queued meanwhile joins it.
-
-    Its commits do not wait for the disk (synchronous = NORMAL), and it leaves the
-    copying of the log to the server's Checkpointer: a power cut may take back the last
-    leases and results, so a message may be delivered again, as after any crash
-    mid-delivery, but none is lost; the listener's next commit flushes them with its
-    own, being later in the same log.
-
-    One event loop at a time uses it (a closed loop's leftovers are dropped when the
-    next one comes, as `asyncio.run` after `asyncio.run` in the tests)."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._db: sqlite3.Connection | None = None
-        self._turn: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the loop it serves
-        self._queued: list[Queued] = []
-        self._flushing = False  # a flush is scheduled on the loop
-        self._turn_due: asyncio.Future[None] | None = None  # the turn waited for on a thread
-        self._closing = False
-        # The thread's hand-over: `_handed` while the loop has been given the turn and has
-        # not taken it yet; under `_handing` so a loop that closed meanwhile gives it back.
-        self._handing = threading.Lock()
-        self._handed = False
-        self._turn_requests: queue.SimpleQueue[asyncio.AbstractEventLoop | None] = (
-            queue.SimpleQueue()
-        )
-        self._turn_thread: threading.Thread | None = None
-
-    def start_and_wait(self) -> None:
-        db = self._db = _connect(self._path, server=False, durable=False)
-        db.execute("PRAGMA wal_autocheckpoint = 0")  # the server's Checkpointer's work
-        self._turn = _open_turn(self._path)
-        if self._turn is not None:
-            self._turn_thread = threading.Thread(
-                target=self._wait_for_turns, args=(self._turn,), name="spool-turn", daemon=True
-            )
-            self._turn_thread.start()
-
-    async def close(self) -> None:
-        """Once what was submitted has run; what is submitted meanwhile is refused."""
-        if self._closing:
-            return
-        self._closing = True
-        self._serve(asyncio.get_running_loop())
-        while self._turn_due is not None or self._queued:
-            if self._turn_due is not None:
-                await asyncio.wait({self._turn_due})
-            else:
-                self._flush()
-        if self._turn_thread is not None:
-            self._turn_requests.put(None)
-            await asyncio.to_thread(self._turn_thread.join)
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        if self._turn is not None:
-            os.close(self._turn)
-            self._turn = None
-
-    def submit(
-        self,
-        operation: Callable[[sqlite3.Connection], T],
-        *,
-        reads_only: bool = False,
-        together: Together | None = None,
-    ) -> asyncio.Future[T]:
-        """See _Writer.submit: the same batches, run at the loop's next turn."""
-        if self._db is None or self._closing:
-            raise RuntimeError("the spool is closed")
-        loop = asyncio.get_running_loop()
-        self._serve(loop)
-        future: asyncio.Future[T] = loop.create_future()
-        self._queued.append((operation, future, loop, reads_only, together))
-        self._flush_soon()
-        return future
-
-    def _serve(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._loop is loop:
-            return
-        if self._loop is not None and not self._loop.is_closed():
-            raise RuntimeError("the spool's connection is in use by another event loop")
-        self._loop = loop
-        # What the closed loop left: its futures can no longer be resolved, its flush
-        # will not run, and a turn handed to it must be given back.
-        self._queued = [item for item in self._queued if item[2] is loop]
-        self._flushing = False
-        self._turn_due = None  # the thread gives back a turn taken for a closed loop
-        with self._handing:
-            if self._handed and self._turn is not None:
-                fcntl.flock(self._turn, fcntl.LOCK_UN)
-            self._handed = False
-
-    def _flush_soon(self) -> None:
-        if self._queued and not self._flushing and self._turn_due is None:
-            self._flushing = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flushing = False
-        if self._turn_due is not None or not self._queued or self._db is None:
-            return  # waiting for the turn: all that is queued then runs with it
-        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
-        if all(item[3] for item in batch) or self._turn is None:
-            _run_batch(self._db, batch)
-        else:
-            try:
-                fcntl.flock(self._turn, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # the listener is committing: wait on the thread
-                self._queued[:0] = batch
-                loop = asyncio.get_running_loop()
-                self._turn_due = loop.create_future()
-                self._turn_requests.put(loop)
-                return
-            except OSError as error:
-                _settle_outcomes([(item[1], item[2], None, error) for item in batch])
-            else:
-                _run_holding_turn(self._db, self._turn, batch)
-        self._flush_soon()
-
-    def _turn_came(self, error: OSError | None) -> None:
-        with self._handing:
-            held, self._handed = self._handed, False
-        due, self._turn_due = self._turn_due, None
-        batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
-        if error is None and held and self._db is not None and self._turn is not None:
-            _run_holding_turn(self._db, self._turn, batch)
-        else:
-            if held and self._turn is not None:
-                fcntl.flock(self._turn, fcntl.LOCK_UN)
-            failure = error or RuntimeError("the spool is closed")
-            _settle_outcomes([(item[1], item[2], None, failure) for item in batch])
-        if due is not None and not due.done():
-            due.set_result(None)
-        self._flush_soon()
-
-    def _wait_for_turns(self, turn: int) -> None:
-        """The thread: take the turn for the loop (a lock of the open file, so the loop
-        holds it once taken), then hand over."""
-        while (loop := self._turn_requests.get()) is not None:
-            error = None
-            try:
-                fcntl.flock(turn, fcntl.LOCK_EX)
-            except OSError as failed:
-                error = failed
-            with self._handing:
-                try:
-                    loop.call_soon_threadsafe(self._turn_came, error)
-                except RuntimeError:  # the loop closed meanwhile: nothing will use the turn
-                    if error is None:
-                        fcntl.flock(turn, fcntl.LOCK_UN)
-                else:
-                    self._handed = error is None
-
-
-def _run_holding_turn(db: sqlite3.Connection, turn: int, batch: list[Queued]) -> None:
-    try:
-        _run_batch(db, batch)
-    finally:
-        fcntl.flock(turn, fcntl.LOCK_UN)
-
-
-def _open_turn(path: Path) -> int | None:
-    """The write turn's lock file; None for a reader without write access, for which
-    SQLite's busy handler will do."""
-    try:
-        return os.open(f"{path}.turn", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError:
-        return None
-
-
-Outcome = tuple[asyncio.Future[Any], asyncio.AbstractEventLoop, Any, BaseException | None]
-
-
-def _connect(path: Path, *, server: bool, durable: bool = True) -> sqlite3.Connection:
+def _connect(
+    path: Path, *, server: bool = False, durable: bool = True, checkpoints: bool = True
+) -> sqlite3.Connection:
     """The spool's connection, its schema made current. `server`: the server may complete
     the schema (a CLI reader writes nothing). `durable`: every commit reaches the disk
-    before it returns (before a 250); see _LoopWriter for the one that need not."""
+    before it returns (before a 250). `checkpoints`: a commit past FALLBACK_PAGES copies
+    the log back itself (see SqliteSpool.open for the connection that does neither)."""
     db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
     try:
         _check_sqlite(db)
@@ -1359,7 +1078,7 @@ def _connect(path: Path, *, server: bool, durable: bool = True) -> sqlite3.Conne
         raise sqlite3.OperationalError(f"{path}: cannot switch to WAL mode")
     db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
     # The server's Checkpointer copies the log back off the commit path.
-    db.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_PAGES}")
+    db.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_PAGES if checkpoints else 0}")
     db.execute(f"PRAGMA journal_size_limit = {LOG_BYTES_KEPT}")  # after a burst
     db.execute("PRAGMA foreign_keys = ON")
     version = db.execute("PRAGMA user_version").fetchone()[0]
@@ -1378,87 +1097,6 @@ def _connect(path: Path, *, server: bool, durable: bool = True) -> sqlite3.Conne
     return db
 
 
-def _run_batch(db: sqlite3.Connection, batch: list[Queued]) -> None:
-    """One transaction, one savepoint per operation, or per run of neighbours that go
-    together: a failing operation fails alone. A batch that is one such unit needs
-    no savepoint: the transaction is its savepoint (two statements fewer, and each
-    statement is a wait for the interpreter lock)."""
-    begin = "BEGIN" if all(item[3] for item in batch) else "BEGIN IMMEDIATE"
-    shared = True  # neighbours that go together run in one go
-    if _one_unit(batch):
-        outcomes = _run_unit(db, begin, batch)
-        if outcomes is not None:
-            _settle_outcomes(outcomes)
-            return
-        shared = False  # they failed together: now each runs alone
-    outcomes = []
-    try:
-        db.execute(begin)
-        for _, neighbours in itertools.groupby(batch, key=_kind):
-            run = list(neighbours)
-            if shared and len(run) > 1 and (together := run[0][4]) is not None:
-                run_many, arguments = together[0], [item[4][1] for item in run if item[4]]
-                results, error = _attempt(db, run_many, arguments)
-                if error is None:
-                    outcomes += [(i[1], i[2], r, None) for i, r in zip(run, results, strict=True)]
-                    continue
-            for operation, future, loop, _, _ in run:
-                outcomes.append((future, loop, *_attempt(db, operation)))
-        db.execute("COMMIT")
-    except Exception as commit_error:  # the commit itself failed (disk full, I/O error)
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        outcomes = [(future, loop, None, commit_error) for _, future, loop, _, _ in batch]
-    _settle_outcomes(outcomes)
-
-
-def _one_unit(batch: list[Queued]) -> bool:
-    """One operation, or neighbours that all run together."""
-    together = batch[0][4]
-    return len(batch) == 1 or (
-        together is not None and all(_kind(item) is together[0] for item in batch)
-    )
-
-
-def _run_unit(db: sqlite3.Connection, begin: str, batch: list[Queued]) -> list[Outcome] | None:
-    """A batch that is one unit (see _one_unit) in a transaction of its own, without a
-    savepoint; None when neighbours that ran together failed, so each must run alone. A
-    BEGIN or COMMIT that fails (the spool busy, the disk full) fails them all at once."""
-    try:
-        db.execute(begin)
-    except Exception as error:
-        return [(item[1], item[2], None, error) for item in batch]
-    try:
-        together = batch[0][4]
-        if len(batch) == 1 or together is None:
-            results = [batch[0][0](db)]
-        else:
-            results = together[0](db, [item[4][1] for item in batch if item[4]])
-            if len(results) != len(batch):
-                raise RuntimeError(f"{len(results)} results for {len(batch)} operations")
-    except Exception as error:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        return None if len(batch) > 1 else [(batch[0][1], batch[0][2], None, error)]
-    try:
-        db.execute("COMMIT")
-    except Exception as error:
-        with contextlib.suppress(sqlite3.Error):
-            db.execute("ROLLBACK")
-        return [(item[1], item[2], None, error) for item in batch]
-    return [(item[1], item[2], r, None) for item, r in zip(batch, results, strict=True)]
-
-
-def _settle_outcomes(outcomes: list[Outcome]) -> None:
-    """One wake-up of each waiting loop per batch, not one per operation."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[Settled]] = {}
-    for future, loop, result, error in outcomes:
-        by_loop.setdefault(loop, []).append((future, result, error))
-    for loop, settled in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # that loop has closed
-            loop.call_soon_threadsafe(_settle, settled)
-
-
 def _check_sqlite(db: sqlite3.Connection) -> None:
     """The statements need RETURNING (SQLite 3.35), UPDATE ... FROM (3.33) and the JSON
     functions: say so at start, not with a syntax error at the first lease."""
@@ -1474,34 +1112,3 @@ def _check_sqlite(db: sqlite3.Connection) -> None:
             f"SQLite {sqlite3.sqlite_version} was built without its JSON functions,"
             " which smtpgate needs"
         ) from None
-
-
-def _kind(item: Queued) -> object:
-    """What neighbours must share to run together: their run_many (None runs alone)."""
-    return item[4][0] if item[4] is not None else item
-
-
-def _attempt(
-    db: sqlite3.Connection, operation: Callable[..., Any], *arguments: Any
-) -> tuple[Any, Exception | None]:
-    """Run `operation(db, *arguments)` in a savepoint: (its result, None), or (None, the
-    error it raised) with its writes undone."""
-    db.execute("SAVEPOINT operation")
-    try:
-        result = operation(db, *arguments)
-    except Exception as error:
-        db.execute("ROLLBACK TO operation")
-        db.execute("RELEASE operation")
-        return None, error
-    db.execute("RELEASE operation")
-    return result, None
-
-
-def _settle(settled: list[Settled]) -> None:
-    for future, result, error in settled:
-        if future.done():  # the waiting SMTP session went away
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
