@@ -336,6 +336,40 @@ def test_a_slow_domain_in_every_message_does_not_hold_back_the_others(
     assert slow.handler.most_open <= 2
 
 
+def test_slow_domains_in_every_message_do_not_take_every_worker(
+    gateway_factory: GatewayFactory, upstreams: Upstreams, dns_zone: DnsZone
+) -> None:
+    """Each message goes to two slow domains and a fast one, with as many workers as the
+    slow domains may hold between them: the messages whose slow parts wait take no
+    worker from the fast domain's mail."""
+    port = free_port()
+    slow_a = upstreams.start(port, host="127.0.0.19", data_delay=3.0)
+    slow_b = upstreams.start(port, host="127.0.0.20", data_delay=3.0)
+    fast = upstreams.start(port, host="127.0.0.21")
+    dns_zone.mx("slow-a.example.test", (10, "mx.slow-a.example.test", "127.0.0.19"))
+    dns_zone.mx("slow-b.example.test", (10, "mx.slow-b.example.test", "127.0.0.20"))
+    dns_zone.mx("fast.example.test", (10, "mx.fast.example.test", "127.0.0.21"))
+    gateway = gateway_factory(direct(port, "workers = 4\nper_domain = 1"))
+
+    with smtplib.SMTP("127.0.0.1", gateway.port) as client:
+        for n in range(12):
+            client.sendmail(
+                "a@example.org",
+                [
+                    f"a{n}@slow-a.example.test",
+                    f"b{n}@slow-b.example.test",
+                    f"f{n}@fast.example.test",
+                ],
+                b"Subject: three\r\n\r\nb\r\n",
+            )
+
+    # One slow transaction at a time per slow domain, three seconds each: 36 s for them.
+    # Held back by them, the fast domain would take as long.
+    wait_until(lambda: len(fast.messages) == 12, timeout=15, what="the fast domain's mail")
+    assert len(slow_a.messages) < 12 and len(slow_b.messages) < 12
+    assert slow_a.handler.most_open <= 1 and slow_b.handler.most_open <= 1
+
+
 def test_what_is_leased_ahead_is_counted_in_connections(
     gateway_factory: GatewayFactory, upstreams: Upstreams, dns_zone: DnsZone
 ) -> None:
