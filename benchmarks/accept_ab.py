@@ -1,13 +1,18 @@
 """A/B of the small-message accept rate: this tree against another smtpgate tree.
 
     .venv/bin/python benchmarks/accept_ab.py --baseline DIR [--sessions 50]
-        [--messages 3000] [--reps 4] [--rcpts 1] [--hold | --e2e] [--state-on /dev/shm]
+        [--messages 3000] [--reps 4] [--rcpts 1] [--hold | --e2e | --drain [--no-turbo]]
+        [--state-on /dev/shm]
 
 Postfix's smtp-source sends 4 KiB messages over `--sessions` connections (each reused,
 -d) to a fresh `smtpgate serve` of each tree in turn, the order alternating between
 repetitions; the route relays with turbo to Postfix's smtp-sink, or with --hold is held,
 so only the accept path runs. With --e2e the rate is end to end: until smtp-sink has
-received every message (it exits after the last). `--state-on` puts the spool on another
+received every message (it exits after the last). With --drain the delivery process is
+stopped (SIGSTOP) while the messages are accepted, then let go: the rate is how fast it
+empties the queue into smtp-sink, alone on the machine, with the CPU it spent a message
+(the delivery side's cost, apart from the listener's; --no-turbo: one command at a
+time). `--state-on` puts the spool on another
 file system (a tmpfs takes the disk's flushes out of the measurement). Prints each rate, the medians
 and the ratio this/baseline: only ratios from one run compare. Loopback only.
 """
@@ -15,13 +20,15 @@ and the ratio this/baseline: only ratios from one run compare. Loopback only.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-from relay import free_port, gateway, wait_port
+from relay import family, free_port, gateway, wait_port
 
 HERE = Path(__file__).resolve().parent
 
@@ -35,9 +42,15 @@ def accept_rate(port: int, sessions: int, messages: int, rcpts: int = 1) -> floa
     return messages / (time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system time of a process so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one(source: Path, args: argparse.Namespace, workdir: Path) -> float:
     sink_port = free_port()
-    until = ["-M", str(args.messages)] if args.e2e else []
+    until = ["-M", str(args.messages)] if args.e2e or args.drain else []
     sink = subprocess.Popen(
         ["smtp-sink", "-u", "nobody", *until, f"127.0.0.1:{sink_port}", "1024"],
         stdout=subprocess.DEVNULL,
@@ -48,12 +61,14 @@ def one(source: Path, args: argparse.Namespace, workdir: Path) -> float:
         process, port = gateway(
             workdir,
             sink_port,
-            relay="turbo = true",
+            relay=f"turbo = {str(not args.no_turbo).lower()}",
             route=f"hold = {str(args.hold).lower()}",
             source=source,
         )
         try:
             time.sleep(0.5)  # start-up settles
+            if args.drain:
+                return drained(process.popen.pid, port, sink, args)
             started = time.perf_counter()
             rate = accept_rate(port, args.sessions, args.messages, args.rcpts)
             if not args.e2e:
@@ -67,6 +82,25 @@ def one(source: Path, args: argparse.Namespace, workdir: Path) -> float:
         sink.wait()
 
 
+def drained(
+    server: int, port: int, sink: subprocess.Popen[bytes], args: argparse.Namespace
+) -> float:
+    """Accept with the delivery process stopped, then time it emptying the queue."""
+    [delivery] = family(server)[1:]  # the server's one child
+    os.kill(delivery, signal.SIGSTOP)
+    try:
+        accept_rate(port, args.sessions, args.messages, args.rcpts)
+        spent = cpu_seconds(delivery)
+        started = time.perf_counter()
+    finally:
+        os.kill(delivery, signal.SIGCONT)
+    sink.wait(300)
+    rate = args.messages / (time.perf_counter() - started)
+    used = (cpu_seconds(delivery) - spent) / args.messages * 1e6
+    print(f"  delivery process: {used:.0f} us of CPU a message", flush=True)
+    return rate
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--baseline", type=Path, required=True, help="another smtpgate tree")
@@ -77,6 +111,10 @@ def main() -> None:
     modes = parser.add_mutually_exclusive_group()
     modes.add_argument("--hold", action="store_true", help="hold the route: accept only")
     modes.add_argument("--e2e", action="store_true", help="time until the sink has all")
+    modes.add_argument(
+        "--drain", action="store_true", help="queue all with delivery stopped, then time it"
+    )
+    parser.add_argument("--no-turbo", action="store_true", help="relay one command at a time")
     parser.add_argument("--state-on", type=Path, help="a directory for the spools")
     args = parser.parse_args()
     trees = {"this": HERE.parent, "baseline": args.baseline.resolve()}

@@ -48,15 +48,28 @@ def sqlite_backend(tmp_path: Path) -> Backend:
     return Backend("sqlite", lambda: SqliteSpool.open(path))
 
 
-def sqlite_on_loop_backend(tmp_path: Path) -> Backend:
-    """The delivery process's connection: its transactions on the caller's event loop."""
+def sqlite_delivery_backend(tmp_path: Path) -> Backend:
+    """The delivery process's connection, no mail arriving: its batches on a thread."""
     path = tmp_path / "spool.db"
-    return Backend("sqlite-on-loop", lambda: SqliteSpool.open(path, on_loop=True))
+    return Backend("sqlite-delivery", lambda: SqliteSpool.open(path, on_loop=True))
+
+
+def sqlite_delivery_on_loop_backend(tmp_path: Path) -> Backend:
+    """The delivery process's connection while mail arrives: its batches on the loop."""
+    path = tmp_path / "spool.db"
+
+    def opened() -> Spool:
+        spool = SqliteSpool.open(path, on_loop=True)
+        spool.mail_arriving(float("inf"))
+        return spool
+
+    return Backend("sqlite-delivery-on-loop", opened)
 
 
 BACKENDS: dict[str, Callable[[Path], Backend]] = {
     "sqlite": sqlite_backend,
-    "sqlite-on-loop": sqlite_on_loop_backend,
+    "sqlite-delivery": sqlite_delivery_backend,
+    "sqlite-delivery-on-loop": sqlite_delivery_on_loop_backend,
 }
 
 
@@ -606,8 +619,9 @@ class TestSqliteSpool:
         finally:
             asyncio.run(server.close())
 
+    @pytest.mark.parametrize("mail_arriving", [False, True])
     def test_the_delivery_process_waits_for_the_turn_with_its_loop_going_on(
-        self, tmp_path: Path
+        self, tmp_path: Path, mail_arriving: bool
     ) -> None:
         """The delivery process runs its transactions on its event loop: while the
         listener has the turn, its lease and results wait for it on another thread, the
@@ -615,6 +629,8 @@ class TestSqliteSpool:
         path = tmp_path / "spool.db"
         server = SqliteSpool.open(path, exclusive=True)
         delivery = SqliteSpool.open(path, on_loop=True)
+        if mail_arriving:  # its batches on the loop, else on a thread
+            delivery.mail_arriving(float("inf"))
 
         async def scenario() -> None:
             first = await server.store(message("a@example.org"))
@@ -649,12 +665,15 @@ class TestSqliteSpool:
             asyncio.run(delivery.close())
             asyncio.run(server.close())
 
+    @pytest.mark.parametrize("mail_arriving", [False, True])
     def test_the_delivery_process_closes_once_what_waits_for_the_turn_landed(
-        self, tmp_path: Path
+        self, tmp_path: Path, mail_arriving: bool
     ) -> None:
         path = tmp_path / "spool.db"
         server = SqliteSpool.open(path, exclusive=True)
         delivery = SqliteSpool.open(path, on_loop=True)
+        if mail_arriving:  # its batches on the loop, else on a thread
+            delivery.mail_arriving(float("inf"))
 
         async def scenario() -> None:
             queue_id = await server.store(message("a@example.org"))
@@ -675,14 +694,17 @@ class TestSqliteSpool:
         finally:
             asyncio.run(server.close())
 
+    @pytest.mark.parametrize("mail_arriving", [False, True])
     def test_a_loop_that_ended_waiting_for_the_turn_leaves_the_next_one_working(
-        self, tmp_path: Path
+        self, tmp_path: Path, mail_arriving: bool
     ) -> None:
         """The delivery connection outlives an event loop that gave up on a write while
         the turn was held elsewhere: the next loop writes, and the turn is not kept."""
         path = tmp_path / "spool.db"
         server = SqliteSpool.open(path, exclusive=True)
         delivery = SqliteSpool.open(path, on_loop=True)
+        if mail_arriving:  # its batches on the loop, else on a thread
+            delivery.mail_arriving(float("inf"))
         queue_id = asyncio.run(server.store(message("a@example.org")))
 
         async def give_up_waiting() -> None:

@@ -41,6 +41,9 @@ from smtpgate.transports.channel import Channel
 log = logs.get(__name__)
 
 REPORT_SECONDS = 0.05  # results are told to the server in batches at most this old
+# After the server says it stored mail, the spool's write turn is held as briefly as it
+# can be (its commits wait for it) rather than beside the sending (SqliteSpool.mail_arriving).
+MAIL_ARRIVING_SECONDS = 1.0
 
 
 class Worker:
@@ -61,6 +64,8 @@ class Worker:
         if self._scheduler is None:
             return
         if isinstance(notice, Stored):
+            if self._spool is not None:
+                self._spool.mail_arriving(MAIL_ARRIVING_SECONDS)
             self._scheduler.wake()
         elif isinstance(notice, Go) and self._running is None:
             self._running = asyncio.create_task(self._scheduler.run(), name="scheduler")

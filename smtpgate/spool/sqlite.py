@@ -183,7 +183,10 @@ class SqliteSpool(Spool):
             if exclusive:
                 raise ValueError("the server's own connection runs on a thread of its own")
             on_the_loop = LoopWriter(
-                path, functools.partial(_connect, path, durable=False, checkpoints=False)
+                path,
+                functools.partial(
+                    _connect, path, durable=False, checkpoints=False, one_thread=False
+                ),
             )
             on_the_loop.start_and_wait()
             return cls(on_the_loop, None, None)
@@ -212,6 +215,12 @@ class SqliteSpool(Spool):
                 os.close(lock_file)
             raise
         return cls(writer, lock_file, report, reader, checkpointer)
+
+    def mail_arriving(self, seconds: float) -> None:
+        """The delivery process hears that the listener is storing mail: for the next
+        `seconds` its batches hold the write turn for as little as possible (LoopWriter)."""
+        if isinstance(self._writer, LoopWriter):
+            self._writer.mail_arriving(seconds)
 
     @property
     def lock_file(self) -> int | None:
@@ -1061,13 +1070,20 @@ def _take_lock(path: Path) -> int:
 
 
 def _connect(
-    path: Path, *, server: bool = False, durable: bool = True, checkpoints: bool = True
+    path: Path,
+    *,
+    server: bool = False,
+    durable: bool = True,
+    checkpoints: bool = True,
+    one_thread: bool = True,
 ) -> sqlite3.Connection:
     """The spool's connection, its schema made current. `server`: the server may complete
     the schema (a CLI reader writes nothing). `durable`: every commit reaches the disk
     before it returns (before a 250). `checkpoints`: a commit past FALLBACK_PAGES copies
-    the log back itself (see SqliteSpool.open for the connection that does neither)."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    the log back itself (see SqliteSpool.open for the connection that does neither).
+    `one_thread`: only the thread that connects uses it (else its writer sees to it
+    that two never do at once)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=one_thread)
     try:
         _check_sqlite(db)
     except BaseException:
