@@ -699,7 +699,8 @@ class TestSqliteSpool:
         self, tmp_path: Path, mail_arriving: bool
     ) -> None:
         """The delivery connection outlives an event loop that gave up on a write while
-        the turn was held elsewhere: the next loop writes, and the turn is not kept."""
+        the turn was held elsewhere: that write is dropped, the next loop writes, and
+        the turn is not kept."""
         path = tmp_path / "spool.db"
         server = SqliteSpool.open(path, exclusive=True)
         delivery = SqliteSpool.open(path, on_loop=True)
@@ -709,7 +710,7 @@ class TestSqliteSpool:
 
         async def give_up_waiting() -> None:
             with pytest.raises(TimeoutError):
-                await asyncio.wait_for(delivery.retry_now(None, T0), 0.2)
+                await asyncio.wait_for(delivery.log_send("corp", T0), 0.2)
 
         with another_writer_has_the_turn(path):
             asyncio.run(give_up_waiting())
@@ -721,6 +722,7 @@ class TestSqliteSpool:
             assert asyncio.run(states(server, queue_id)) == {
                 "a@example.org": RecipientState.SENDING
             }
+            assert asyncio.run(delivery.sends_since("corp", 0.0)) == []
         finally:
             asyncio.run(delivery.close())
             asyncio.run(server.close())

@@ -172,12 +172,13 @@ class SqliteSpool(Spool):
         SpoolLockedError, so two servers never lease the same recipients, and checks the
         spool: a damaged one is salvaged with its damage moved into `quarantine`, or,
         without one or when salvage is impossible, refused with SpoolDamagedError.
-        `on_loop`: the delivery process's connection, used on the caller's event loop
-        thread (LoopWriter). Its commits do not wait for the disk (synchronous =
-        NORMAL), and it leaves copying the log back to the server's Checkpointer: a power
-        cut may take back its last leases and results, so a message may be delivered
-        again, as after any crash mid-delivery, but none is lost; and the listener's next
-        commit flushes them with its own, being later in the same log."""
+        `on_loop`: the delivery process's connection, its batches run on the caller's
+        event loop while mail arrives, else on a thread (LoopWriter). Its commits do not
+        wait for the disk (synchronous = NORMAL), and it leaves copying the log back to
+        the server's Checkpointer: a power cut may take back its last leases and results,
+        so a message may be delivered again, as after any crash mid-delivery, but none is
+        lost; and the listener's next commit flushes them with its own, being later in
+        the same log."""
         path.parent.mkdir(parents=True, exist_ok=True)
         if on_loop:
             if exclusive:

@@ -7,15 +7,16 @@ the server, its delivery process and the CLI share. In the server, all statement
 on one thread that owns the connection (ThreadWriter); stores, and results, queued
 together also share their statements: each statement the thread runs lets go of the
 interpreter lock and must wait to take it back from the busy event loop, and those
-waits, not SQLite, were most of a commit's time while the turn was held. The delivery
-process runs its batches on its event loop's thread instead (LoopWriter), so that the
-turn it takes is given back as soon as SQLite is done.
+waits, not SQLite, were most of a commit's time while the turn was held. While mail
+arrives, the delivery process runs its batches on its event loop's thread instead
+(LoopWriter), so that the turn it takes is given back as soon as SQLite is done.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fcntl
 import itertools
 import os
@@ -144,7 +145,7 @@ class LoopWriter:
     the interpreter lock held by the busy event loop: 0.2 ms of work held the turn for
     5 to 15 ms at the 99th percentile, half of a 250's slowest waits. On the loop's
     thread a transaction runs straight through, the loop stopping for it; only a wait
-    for the turn while the listener holds it goes to a thread, and what is queued
+    for the turn while the listener holds it goes to the thread, and what is queued
     meanwhile joins it. With no mail arriving (`mail_arriving`), nobody waits for the
     turn, and the thread runs the batches beside the sending: a queue drains on two
     cores, a quarter faster than on the loop alone.
@@ -152,8 +153,9 @@ class LoopWriter:
     Nothing in it may wait for the disk: its connection's commits are not flushed (see
     SqliteSpool.open).
 
-    One event loop at a time uses it (a closed loop's leftovers are dropped when the
-    next one comes, as `asyncio.run` after `asyncio.run` in the tests)."""
+    One event loop at a time uses it. When the next one comes (`asyncio.run` after
+    `asyncio.run` in the tests), what the closed one left is dropped: the thread skips
+    its batches, gives back a turn handed to it, and only then lets the new one go on."""
 
     def __init__(self, path: Path, connect: Callable[[], sqlite3.Connection]) -> None:
         self._path = path  # of the database: the write turn is `<path>.turn`
@@ -165,16 +167,15 @@ class LoopWriter:
         self._on_loop_until = 0.0  # time.monotonic(): mail arrives, batches run on the loop
         self._queued: list[Queued] = []
         self._flushing = False  # a flush is scheduled on the loop
-        self._away: asyncio.Future[None] | None = None  # the thread has the next batch or turn
-        self._thread_idle = threading.Event()  # cleared while a request is with the thread
-        self._thread_idle.set()
-        self._closing = False
+        self._away: asyncio.Future[None] | None = None  # the thread has a request of ours
+        self._closed: asyncio.Event | None = None  # set once close() is done
         # The thread's hand-over: `_handed` while the loop has been given the turn and has
         # not taken it yet; under `_handing` so a loop that closed meanwhile gives it back.
         self._handing = threading.Lock()
         self._handed = False
+        # (loop, a batch to run | HAND_OVER | RESYNC), or None to stop
         self._requests: queue.SimpleQueue[
-            tuple[asyncio.AbstractEventLoop, list[Queued] | None] | None
+            tuple[asyncio.AbstractEventLoop, list[Queued] | str] | None
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -183,8 +184,8 @@ class LoopWriter:
         self._turn = _open_turn(self._path)
         if self._turn is not None:
             self._thread = threading.Thread(
-                target=self._serve_requests,
-                args=(self._db, self._turn),
+                target=contextvars.copy_context().run,  # its log lines say whose it is
+                args=(self._serve_requests, self._db, self._turn),
                 name="spool-turn",
                 daemon=True,
             )
@@ -197,24 +198,28 @@ class LoopWriter:
 
     async def close(self) -> None:
         """Once what was submitted has run; what is submitted meanwhile is refused."""
-        if self._closing:
+        if self._closed is not None:
+            await self._closed.wait()
             return
-        self._closing = True
         self._serve(asyncio.get_running_loop())
-        while self._away is not None or self._queued:
-            if self._away is not None:
-                await asyncio.wait({self._away})
-            else:
-                self._flush()
-        if self._thread is not None:
-            self._requests.put(None)
-            await asyncio.to_thread(self._thread.join)
-        if self._db is not None:
-            self._db.close()
-            self._db = None
-        if self._turn is not None:
-            os.close(self._turn)
-            self._turn = None
+        self._closed = asyncio.Event()
+        try:
+            while self._away is not None or self._queued:
+                if self._away is not None:
+                    await asyncio.wait({self._away})
+                else:
+                    self._flush()
+            if self._thread is not None:
+                self._requests.put(None)
+                await asyncio.to_thread(self._thread.join)
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            if self._turn is not None:
+                os.close(self._turn)
+                self._turn = None
+        finally:
+            self._closed.set()
 
     def submit(
         self,
@@ -224,7 +229,7 @@ class LoopWriter:
         together: Together | None = None,
     ) -> asyncio.Future[T]:
         """See ThreadWriter.submit: the same batches, run at the loop's next turn."""
-        if self._db is None or self._closing:
+        if self._db is None or self._closed is not None:
             raise RuntimeError("the spool is closed")
         loop = asyncio.get_running_loop()
         self._serve(loop)
@@ -238,18 +243,13 @@ class LoopWriter:
             return
         if self._loop is not None and not self._loop.is_closed():
             raise RuntimeError("the spool's connection is in use by another event loop")
-        self._loop = loop
-        # What the closed loop left: its futures can no longer be resolved, its flush
-        # will not run, and a turn handed to it must be given back.
-        self._queued = [item for item in self._queued if item[2] is loop]
+        first, self._loop = self._loop is None, loop
+        self._queued = []  # the closed loop's: its futures can no longer be resolved
         self._flushing = False
-        if self._away is not None:  # the thread finishes what it had for the closed loop
-            self._thread_idle.wait()
-            self._away = None
-        with self._handing:
-            if self._handed and self._turn is not None:
-                fcntl.flock(self._turn, fcntl.LOCK_UN)
-            self._handed = False
+        self._away = None
+        if not first and self._thread is not None:  # until the thread is done with it
+            self._away = loop.create_future()
+            self._requests.put((loop, RESYNC))
 
     def _flush_soon(self) -> None:
         if self._queued and not self._flushing and self._away is None:
@@ -267,7 +267,6 @@ class LoopWriter:
                 _run_batch(self._db, batch)
         elif time.monotonic() >= self._on_loop_until:  # nobody waits for the turn: beside us
             self._away = loop.create_future()
-            self._thread_idle.clear()
             self._requests.put((loop, batch))
             return
         else:
@@ -276,8 +275,7 @@ class LoopWriter:
             except BlockingIOError:  # the listener is committing: wait on the thread
                 self._queued[:0] = batch
                 self._away = loop.create_future()
-                self._thread_idle.clear()
-                self._requests.put((loop, None))
+                self._requests.put((loop, HAND_OVER))
                 return
             except OSError as error:
                 _settle_outcomes([(item[1], item[2], None, error) for item in batch])
@@ -286,60 +284,84 @@ class LoopWriter:
                     _run_holding_turn(self._db, self._turn, batch)
         self._flush_soon()
 
-    def _back(self, error: OSError | None, ran: bool) -> None:
-        """On the loop: the thread ran a batch (`ran`), or took the turn for the loop."""
-        with self._handing:
-            held, self._handed = self._handed, False
-        away, self._away = self._away, None
-        if not ran:
-            batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
-            if error is None and held and self._db is not None and self._turn is not None:
-                with self._using:
-                    _run_holding_turn(self._db, self._turn, batch)
-            else:
-                if held and self._turn is not None:
-                    fcntl.flock(self._turn, fcntl.LOCK_UN)
-                failure = error or RuntimeError("the spool is closed")
-                _settle_outcomes([(item[1], item[2], None, failure) for item in batch])
-        if away is not None and not away.done():
-            away.set_result(None)
-        self._flush_soon()
+    def _back(self, error: BaseException | None, handed: bool) -> None:
+        """On the loop: the thread is done with our request; with the turn (`handed`)
+        for the batch at the head of the queue, or without it having taken it."""
+        try:
+            with self._handing:
+                held, self._handed = self._handed, False
+            if handed:
+                batch, self._queued = self._queued[:MAX_BATCH], self._queued[MAX_BATCH:]
+                if error is None and held and self._db is not None and self._turn is not None:
+                    with self._using:
+                        _run_holding_turn(self._db, self._turn, batch)
+                else:
+                    if held and self._turn is not None:
+                        fcntl.flock(self._turn, fcntl.LOCK_UN)
+                    failure = error or RuntimeError("the spool is closed")
+                    _settle_outcomes([(item[1], item[2], None, failure) for item in batch])
+        finally:
+            away, self._away = self._away, None
+            if away is not None and not away.done():
+                away.set_result(None)
+            self._flush_soon()
 
     def _serve_requests(self, db: sqlite3.Connection, turn: int) -> None:
-        """The thread: take the turn, then run the batch given and give the turn back,
-        or hand the turn over to the loop (a lock of the open file: the loop holds it
-        once taken)."""
+        """The thread, one request after another: take the turn, then run the batch given
+        and give the turn back, or hand the turn over to the loop (a lock of the open
+        file: the loop holds it once taken). RESYNC, from a new loop: what was handed
+        to the closed one is given back."""
         while (request := self._requests.get()) is not None:
-            loop, batch = request
-            error = None
+            loop, work = request
+            if work is RESYNC:
+                with self._handing:
+                    if self._handed:
+                        fcntl.flock(turn, fcntl.LOCK_UN)
+                    self._handed = False
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._back, None, False)
+                continue
+            error: BaseException | None = None
             try:
                 fcntl.flock(turn, fcntl.LOCK_EX)
             except OSError as failed:
                 error = failed
-            if batch is not None:
-                if error is None:
-                    with self._using:
-                        _run_holding_turn(db, turn, batch)
+            if isinstance(work, list):  # a batch of ours: run here, unless its loop is gone
+                if error is None and loop.is_closed():
+                    fcntl.flock(turn, fcntl.LOCK_UN)
+                elif error is None:
+                    try:
+                        with self._using:
+                            _run_holding_turn(db, turn, work)
+                    except BaseException as failed:  # never leave the loop waiting
+                        error = RuntimeError(f"the spool's writer failed: {failed!r}")
+                        _settle_outcomes([(item[1], item[2], None, error) for item in work])
                 else:
-                    _settle_outcomes([(item[1], item[2], None, error) for item in batch])
+                    _settle_outcomes([(item[1], item[2], None, error) for item in work])
                 with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    loop.call_soon_threadsafe(self._back, None, True)
-                self._thread_idle.set()
+                    loop.call_soon_threadsafe(self._back, None, False)
                 continue
             with self._handing:
                 try:
-                    loop.call_soon_threadsafe(self._back, error, False)
+                    loop.call_soon_threadsafe(self._back, error, True)
                 except RuntimeError:  # the loop closed meanwhile: nothing will use the turn
                     if error is None:
                         fcntl.flock(turn, fcntl.LOCK_UN)
                 else:
                     self._handed = error is None
-            self._thread_idle.set()
+
+
+HAND_OVER, RESYNC = "hand over the turn", "done with the closed loop"
 
 
 def _run_holding_turn(db: sqlite3.Connection, turn: int, batch: list[Queued]) -> None:
     try:
         _run_batch(db, batch)
+    except BaseException:  # past what _run_batch catches: no transaction left open
+        if db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+        raise
     finally:
         fcntl.flock(turn, fcntl.LOCK_UN)
 
