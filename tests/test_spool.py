@@ -537,6 +537,16 @@ def another_writer_has_the_turn(path: Path) -> Iterator[None]:
         os.close(turn)  # and with it the lock
 
 
+def server_and_delivery(path: Path, mail_arriving: bool) -> tuple[SqliteSpool, SqliteSpool]:
+    """The server's spool and its delivery process's, whose batches run on its event loop
+    while mail arrives, else on a thread."""
+    server = SqliteSpool.open(path, exclusive=True)
+    delivery = SqliteSpool.open(path, on_loop=True)
+    if mail_arriving:
+        delivery.mail_arriving(float("inf"))
+    return server, delivery
+
+
 class TestSqliteSpool:
     def test_exclusive_open_twice_names_the_holder(self, tmp_path: Path) -> None:
         path = tmp_path / "spool.db"
@@ -627,10 +637,7 @@ class TestSqliteSpool:
         listener has the turn, its lease and results wait for it on another thread, the
         loop goes on meanwhile, and all that queued up lands once the turn is given back."""
         path = tmp_path / "spool.db"
-        server = SqliteSpool.open(path, exclusive=True)
-        delivery = SqliteSpool.open(path, on_loop=True)
-        if mail_arriving:  # its batches on the loop, else on a thread
-            delivery.mail_arriving(float("inf"))
+        server, delivery = server_and_delivery(path, mail_arriving)
 
         async def scenario() -> None:
             first = await server.store(message("a@example.org"))
@@ -670,10 +677,7 @@ class TestSqliteSpool:
         self, tmp_path: Path, mail_arriving: bool
     ) -> None:
         path = tmp_path / "spool.db"
-        server = SqliteSpool.open(path, exclusive=True)
-        delivery = SqliteSpool.open(path, on_loop=True)
-        if mail_arriving:  # its batches on the loop, else on a thread
-            delivery.mail_arriving(float("inf"))
+        server, delivery = server_and_delivery(path, mail_arriving)
 
         async def scenario() -> None:
             queue_id = await server.store(message("a@example.org"))
@@ -702,10 +706,7 @@ class TestSqliteSpool:
         the turn was held elsewhere: that write is dropped, the next loop writes, and
         the turn is not kept."""
         path = tmp_path / "spool.db"
-        server = SqliteSpool.open(path, exclusive=True)
-        delivery = SqliteSpool.open(path, on_loop=True)
-        if mail_arriving:  # its batches on the loop, else on a thread
-            delivery.mail_arriving(float("inf"))
+        server, delivery = server_and_delivery(path, mail_arriving)
         queue_id = asyncio.run(server.store(message("a@example.org")))
 
         async def give_up_waiting() -> None:
