@@ -877,6 +877,26 @@ class TestSqliteSpool:
         finally:
             asyncio.run(spool.close())
 
+    def test_a_waiting_route_is_explained_in_bounded_transactions(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A route's waiting reason reaches every queued recipient, a few per transaction,
+        so that the write turn is never held for the whole of a big campaign."""
+        monkeypatch.setattr(sqlite_spool, "NOTE_ROWS", 2)
+        spool = SqliteSpool.open(tmp_path / "spool.db")
+
+        async def scenario() -> None:
+            queue_id = await spool.store(message(*(f"r{n}@example.org" for n in range(5))))
+            assert await spool.note_waiting("corp", "relay corp is unreachable") == 5
+            shown = await view(spool, queue_id)
+            assert {r.last_reply for r in shown.recipients} == {"relay corp is unreachable"}
+            assert await spool.note_waiting("corp", "again") == 0
+
+        try:
+            asyncio.run(scenario())
+        finally:
+            asyncio.run(spool.close())
+
     def test_too_old_an_sqlite_is_named_at_open(
         self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
