@@ -471,9 +471,7 @@ class UpstreamSession:
             except (TimeoutError, ConnectionDropped, PipelineBroken) as error:
                 raise self._lost(error, "DATA") from None
             if reply.code != 354:
-                self._lost_unless_connected(
-                    aiosmtplib.SMTPResponseException(reply.code, reply.text), "DATA"
-                )
+                self._lost_if_closing(reply, reader, "DATA")
                 return Outcome.from_reply(reply.code, reply.text, Scope.MESSAGE)
             await self._write_content(transport, reader, body)
             try:
