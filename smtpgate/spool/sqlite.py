@@ -1,8 +1,8 @@
 """SQLite spool: the embedded default, one file in WAL mode.
 
 Its statements run in batches on a writer (`spool/writers.py`): a thread in the server,
-where many SMTP sessions share one commit and one WAL fsync, the event loop's own thread
-in the delivery process.
+where many SMTP sessions share one commit and one WAL fsync; in the delivery process,
+its event loop's own thread while mail arrives, a thread beside it otherwise.
 """
 
 from __future__ import annotations
@@ -184,12 +184,7 @@ class SqliteSpool(Spool):
         if on_loop:
             if exclusive:
                 raise ValueError("the server's own connection runs on a thread of its own")
-            on_the_loop = LoopWriter(
-                path,
-                functools.partial(
-                    _connect, path, durable=False, checkpoints=False, one_thread=False
-                ),
-            )
+            on_the_loop = LoopWriter(path, functools.partial(_connect, path, delivery=True))
             on_the_loop.start_and_wait()
             return cls(on_the_loop, None, None)
         lock_file = _take_lock(path) if exclusive else None
@@ -1079,21 +1074,13 @@ def _take_lock(path: Path) -> int:
     return fd
 
 
-def _connect(
-    path: Path,
-    *,
-    server: bool = False,
-    durable: bool = True,
-    checkpoints: bool = True,
-    one_thread: bool = True,
-) -> sqlite3.Connection:
+def _connect(path: Path, *, server: bool = False, delivery: bool = False) -> sqlite3.Connection:
     """The spool's connection, its schema made current. `server`: the server may complete
-    the schema (a CLI reader writes nothing). `durable`: every commit reaches the disk
-    before it returns (before a 250). `checkpoints`: a commit past FALLBACK_PAGES copies
-    the log back itself (see SqliteSpool.open for the connection that does neither).
-    `one_thread`: only the thread that connects uses it (else its writer sees to it
-    that two never do at once)."""
-    db = sqlite3.connect(path, isolation_level=None, check_same_thread=one_thread)
+    the schema (a CLI reader writes nothing). Every commit reaches the disk before it
+    returns (before a 250), and one past FALLBACK_PAGES copies the log back itself; not
+    the `delivery` process's (see SqliteSpool.open), whose LoopWriter uses it from its
+    loop and its thread, never both at once."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=not delivery)
     try:
         _check_sqlite(db)
     except BaseException:
@@ -1102,9 +1089,9 @@ def _connect(
     db.execute("PRAGMA busy_timeout = 10000")  # the CLI may write while the server runs
     if db.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
         raise sqlite3.OperationalError(f"{path}: cannot switch to WAL mode")
-    db.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+    db.execute(f"PRAGMA synchronous = {'NORMAL' if delivery else 'FULL'}")
     # The server's Checkpointer copies the log back off the commit path.
-    db.execute(f"PRAGMA wal_autocheckpoint = {FALLBACK_PAGES if checkpoints else 0}")
+    db.execute(f"PRAGMA wal_autocheckpoint = {0 if delivery else FALLBACK_PAGES}")
     db.execute(f"PRAGMA journal_size_limit = {LOG_BYTES_KEPT}")  # after a burst
     db.execute("PRAGMA foreign_keys = ON")
     version = db.execute("PRAGMA user_version").fetchone()[0]
